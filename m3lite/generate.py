@@ -1,0 +1,142 @@
+"""The sampling loop: prefill, then one compiled decode step and one compiled sample per token; streaming."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import BadArgument
+from .kernels.sampling import sample
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    repeat_window: int = 64
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise BadArgument("max_new_tokens must be >= 0")
+        if self.temperature < 0:
+            raise BadArgument("temperature must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise BadArgument("top_k must be >= 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            raise BadArgument("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise BadArgument("repetition_penalty must be > 0 (1 disables it)")
+        if self.repeat_window < 0:
+            raise BadArgument("repeat_window must be >= 0")
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    finish_reason: str = ""  # "stop" (EOS or stop string), "length" (max tokens or context), "cancelled"
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = max(0, len(self.tokens) - 1)  # the first token comes from the prefill
+        return n / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "tokens": list(self.tokens),
+            "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "ttft_ms": round(self.ttft_s * 1000, 3),
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+        }
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still become a stop string."""
+    keep = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                keep = max(keep, k)
+                break
+    return keep
+
+
+def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
+           result: GenerationResult, cancel=None) -> Iterator[str]:
+    """Yield text pieces as tokens are produced; fill `result` as it goes. `cancel()` -> True stops early."""
+    p.validate()
+    stops = [s for s in p.stop if s]
+    if len(prompt_ids) == 0:
+        raise BadArgument("the prompt is empty")
+    if len(prompt_ids) + engine.n_past > engine.max_ctx:
+        raise BadArgument(f"the prompt has {len(prompt_ids)} tokens but the context holds {engine.max_ctx}; "
+                          f"shorten it")
+    rng = np.random.default_rng(p.seed)
+    recent = np.zeros(max(1, p.repeat_window), np.int64)
+    n_recent = 0
+    for t in list(prompt_ids)[-p.repeat_window:] if p.repeat_window else []:
+        recent[n_recent % len(recent)] = t
+        n_recent += 1
+    result.prompt_tokens = len(prompt_ids)
+    t0 = time.perf_counter()
+    logits = engine.prefill(np.asarray(prompt_ids, np.int64))
+    t1 = time.perf_counter()
+    result.prefill_s = t1 - t0
+    dec = StreamDecoder(tok)
+    out = ""  # text produced so far, stop strings not yet cut
+    sent = 0  # characters of `out` already yielded
+    result.finish_reason = "length"
+    for i in range(p.max_new_tokens):
+        if cancel is not None and cancel():
+            result.finish_reason = "cancelled"
+            break
+        token = int(sample(logits, p.temperature, p.top_k, p.top_p, p.repetition_penalty, recent,
+                           min(n_recent, len(recent)), rng.random()))
+        if i == 0:
+            result.ttft_s = time.perf_counter() - t0
+        if token == tok.eos_id:
+            result.finish_reason = "stop"
+            break
+        result.tokens.append(token)
+        recent[n_recent % len(recent)] = token
+        n_recent += 1
+        out += dec.push(token)
+        cut = min((out.find(s) for s in stops if s in out), default=-1)
+        if cut >= 0:
+            out = out[:cut]
+            result.finish_reason = "stop"
+            break
+        upto = len(out) - _held_back(out, stops)
+        if upto > sent:
+            yield out[sent:upto]
+            sent = upto
+        if i + 1 == p.max_new_tokens or engine.n_past >= engine.max_ctx:
+            break
+        logits = engine.decode(token)
+    else:
+        pass
+    if result.finish_reason != "stop" or not stops:
+        out += dec.flush()
+    result.decode_s = max(0.0, time.perf_counter() - t1 - result.ttft_s + result.prefill_s) if result.tokens else 0.0
+    result.text = out
+    if len(out) > sent:
+        yield out[sent:]

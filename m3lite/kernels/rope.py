@@ -1,0 +1,41 @@
+"""Rotary position embedding, "rotate half" convention.
+
+For each head of size hd, with x1 = x[:hd/2], x2 = x[hd/2:] and angle = pos * theta^(-2i/hd):
+out = [x1*cos - x2*sin, x2*cos + x1*sin].
+"""
+import numpy as np
+from numba import njit, prange
+
+
+def rope_tables(hd: int, theta: float, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables [n_pos, hd/2] (float32) for positions 0..n_pos-1.
+
+    Computed in fp32 the way PyTorch Llama references do (inv_freq = 1/theta^(arange(0,hd,2)/hd),
+    angle = pos * inv_freq, both fp32), so that positions in the thousands round the same way.
+    """
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))))
+    inv_freq = inv_freq.astype(np.float32)
+    ang = np.outer(np.arange(n_pos, dtype=np.float32), inv_freq).astype(np.float32)
+    return np.ascontiguousarray(np.cos(ang)), np.ascontiguousarray(np.sin(ang))
+
+
+@njit(cache=True)
+def rope(x, hd, cos, sin):
+    """Rotate every head of the vector x [n_heads*hd] in place; cos/sin are one row [hd/2] of the tables."""
+    half = hd // 2
+    for h in range(x.shape[0] // hd):
+        b = h * hd
+        for i in range(half):
+            x1 = x[b + i]
+            x2 = x[b + half + i]
+            c = cos[i]
+            s = sin[i]
+            x[b + i] = x1 * c - x2 * s
+            x[b + half + i] = x2 * c + x1 * s
+
+
+@njit(parallel=True, cache=True)
+def rope_rows(x, hd, cos, sin, pos0):
+    """Rotate row i of x [n, n_heads*hd] in place for position pos0 + i."""
+    for i in prange(x.shape[0]):
+        rope(x[i], hd, cos[pos0 + i], sin[pos0 + i])

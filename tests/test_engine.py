@@ -1,0 +1,279 @@
+"""The numba engine against a plain-numpy (float64) Llama forward pass written here."""
+import numpy as np
+import pytest
+
+from m3lite.config import ModelConfig
+from m3lite.engine import Engine, default_threads
+from m3lite.errors import BadArgument
+from m3lite.modelfile import tensor_shapes
+
+SHAPES = {
+    # GQA ratio 1, tied embeddings
+    "mha-tied": dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=96, max_seq_len=64),
+    # GQA ratio 2, untied output
+    "gqa2-untied": dict(vocab_size=101, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=160,
+                        max_seq_len=64, tie_embeddings=False),
+    # GQA ratio 4, head_dim 48 (q_dim 192 != dim 96)
+    "gqa4-hd48": dict(vocab_size=89, dim=96, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=128, head_dim=48,
+                      max_seq_len=64, rope_theta=500.0),
+}
+
+
+def make_cfg(name: str) -> ModelConfig:
+    return ModelConfig(name=name, **SHAPES[name])
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights for every tensor of tensor_shapes(cfg): norms near 1, matrices std 0.02..0.1."""
+    rng = np.random.default_rng(seed)
+    w = {}
+    for name, shape in tensor_shapes(cfg).items():
+        if "norm" in name:
+            a = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name in ("tok_embeddings", "output"):
+            a = 0.5 * rng.standard_normal(shape)
+        else:
+            a = rng.uniform(0.02, 0.1) * rng.standard_normal(shape)
+        w[name] = a.astype(np.float32)
+    return w
+
+
+def rotate(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """Rotate-half RoPE of x [..., n, hd] for positions [n], in float64."""
+    hd = x.shape[-1]
+    inv = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    ang = positions[:, None].astype(np.float64) * inv[None, :]
+    c, s = np.cos(ang), np.sin(ang)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def reference_forward(cfg, weights, ids, pos_offset=0, prefix=None):
+    """Full-sequence forward in float64; returns logits [n, V]. prefix: {layer: (k, v)} memory keys/values
+    [n_kv, m, hd] (keys rotated) concatenated in front of that layer's context keys, visible to every query."""
+    w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
+    n = len(ids)
+    hd, H, KV = cfg.hd, cfg.n_heads, cfg.n_kv_heads
+    eps = cfg.norm_eps
+
+    def rms(x, g):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * g
+
+    pos = pos_offset + np.arange(n)
+    x = w["tok_embeddings"][np.asarray(ids)]
+    for l in range(cfg.n_layers):
+        h = rms(x, w["attention_norm"][l])
+        q = (h @ w["wq"][l].T).reshape(n, H, hd).transpose(1, 0, 2)
+        k = (h @ w["wk"][l].T).reshape(n, KV, hd).transpose(1, 0, 2)
+        v = (h @ w["wv"][l].T).reshape(n, KV, hd).transpose(1, 0, 2)
+        q, k = rotate(q, pos, cfg.rope_theta), rotate(k, pos, cfg.rope_theta)
+        mask = np.tril(np.ones((n, n), bool))
+        if prefix and l in prefix:
+            pk, pv = (np.asarray(a, np.float64) for a in prefix[l])
+            k = np.concatenate([pk, k], axis=1)
+            v = np.concatenate([pv, v], axis=1)
+            mask = np.concatenate([np.ones((n, pk.shape[1]), bool), mask], axis=1)
+        rep = H // KV
+        k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(hd)
+        s = np.where(mask[None], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        o = (p @ v).transpose(1, 0, 2).reshape(n, H * hd)
+        x = x + o @ w["wo"][l].T
+        h2 = rms(x, w["ffn_norm"][l])
+        g = h2 @ w["w1"][l].T
+        x = x + ((g / (1 + np.exp(-g))) * (h2 @ w["w3"][l].T)) @ w["w2"][l].T
+    x = rms(x, w["norm"])
+    out = w["tok_embeddings"] if cfg.tie_embeddings else w["output"]
+    return x @ out.T
+
+
+def close(a, b, tol=1e-4):
+    err = np.abs(np.asarray(a, np.float64) - b).max()
+    assert err < tol, f"max abs error {err:.3g} >= {tol}"
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def model(request):
+    cfg = make_cfg(request.param)
+    return cfg, random_weights(cfg, seed=len(request.param))
+
+
+def test_prefill_all_logits_matches_reference(model):
+    cfg, w = model
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, 23)
+    e = Engine(cfg, w)
+    got = e.prefill(ids, all_logits=True)
+    assert got.shape == (23, cfg.vocab_size) and got.dtype == np.float32
+    close(got, reference_forward(cfg, w, ids))
+    assert e.n_past == 23
+
+
+def test_prefill_last_logits(model):
+    cfg, w = model
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 9)
+    got = Engine(cfg, w).prefill(ids)
+    assert got.shape == (cfg.vocab_size,)
+    close(got, reference_forward(cfg, w, ids)[-1])
+
+
+def test_decode_matches_full_recompute(model):
+    cfg, w = model
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, 12)
+    ref = reference_forward(cfg, w, ids)
+    e = Engine(cfg, w)
+    for i, t in enumerate(ids):
+        close(e.decode(int(t)), ref[i])
+    assert e.n_past == len(ids)
+
+
+def test_prefill_then_decode_equals_token_by_token(model):
+    cfg, w = model
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, 15)
+    a = Engine(cfg, w)
+    la = [a.prefill(ids[:7])] + [a.decode(int(t)) for t in ids[7:]]
+    b = Engine(cfg, w)
+    lb = [b.decode(int(t)) for t in ids][6:]
+    close(np.array(la), np.array(lb, np.float64), tol=2e-5)
+
+
+def test_prefill_extends_context_in_blocks(model):
+    cfg, w = model
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, 30)
+    ref = reference_forward(cfg, w, ids)
+    e = Engine(cfg, w)
+    e.chunk = 4  # force several internal blocks per call
+    got = np.concatenate([e.prefill(ids[:11], all_logits=True), e.prefill(ids[11:], all_logits=True)])
+    close(got, ref)
+
+
+def test_pos_offset_shifts_positions(model):
+    cfg, w = model
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 8)
+    e = Engine(cfg, w)
+    e.pos_offset = 40  # beyond max_ctx: the rope tables grow on demand
+    got = np.concatenate([e.prefill(ids[:5], all_logits=True), [e.decode(int(t)) for t in ids[5:]]])
+    close(got, reference_forward(cfg, w, ids, pos_offset=40))
+
+
+def random_prefix(cfg, layers, m, seed):
+    rng = np.random.default_rng(seed)
+    return {l: (rng.standard_normal((cfg.n_kv_heads, m, cfg.hd)).astype(np.float32),
+                rng.standard_normal((cfg.n_kv_heads, m, cfg.hd)).astype(np.float32)) for l in layers}
+
+
+def test_memory_prefix_attention(model):
+    cfg, w = model
+    ids = np.random.default_rng(7).integers(0, cfg.vocab_size, 14)
+    prefix = random_prefix(cfg, [0], 5, seed=8)
+    if cfg.n_layers > 2:
+        prefix.update(random_prefix(cfg, [2], 3, seed=9))  # layers may hold different numbers of memories
+    e = Engine(cfg, w, prefix_capacity=6)
+    for l, (k, v) in prefix.items():
+        e.set_prefix(l, k, v)
+    e.pos_offset = 6
+    got = np.concatenate([e.prefill(ids[:9], all_logits=True), [e.decode(int(t)) for t in ids[9:]]])
+    ref = reference_forward(cfg, w, ids, pos_offset=6, prefix=prefix)
+    close(got, ref)
+    assert np.abs(ref - reference_forward(cfg, w, ids, pos_offset=6)).max() > 1e-3  # memories matter
+
+
+def test_memory_prefix_replaced_midway():
+    cfg = make_cfg("gqa2-untied")
+    w = random_weights(cfg, seed=3)
+    ids = np.random.default_rng(10).integers(0, cfg.vocab_size, 6)
+    last = cfg.n_layers - 1  # memories in the last layer do not change the cached context keys/values
+    p1, p2 = random_prefix(cfg, [last], 8, seed=1)[last], random_prefix(cfg, [last], 2, seed=2)[last]
+    e = Engine(cfg, w, prefix_capacity=8)
+    e.set_prefix(last, *p1)
+    e.prefill(ids[:4])
+    e.set_prefix(last, *p2)  # a shorter set replaces the longer one entirely
+    close(e.decode(int(ids[4])), reference_forward(cfg, w, ids[:5], prefix={last: p2})[-1])
+    e.clear_prefix()
+    assert (e.attn_start == e.prefix_capacity).all()
+    close(e.decode(int(ids[5])), reference_forward(cfg, w, ids)[-1])
+
+
+def test_plain_layers_ignore_prefix_region():
+    cfg = make_cfg("mha-tied")
+    w = random_weights(cfg)
+    ids = np.arange(10) % cfg.vocab_size
+    e = Engine(cfg, w, prefix_capacity=4)
+    e.k_cache[:, :, :4] = 1e3  # garbage in unused prefix slots must not leak
+    close(e.prefill(ids, all_logits=True), reference_forward(cfg, w, ids))
+    e.reset()
+    e.set_prefix(0, *random_prefix(cfg, [0], 4, 3)[0])
+    e.reset()  # reset also forgets memories
+    close(e.prefill(ids, all_logits=True), reference_forward(cfg, w, ids))
+
+
+def test_context_full_raises():
+    cfg = make_cfg("mha-tied")
+    e = Engine(cfg, random_weights(cfg), max_ctx=8)
+    e.prefill(np.arange(6))
+    with pytest.raises(BadArgument, match="8"):
+        e.prefill(np.arange(3))
+    e.decode(1)
+    e.decode(2)
+    with pytest.raises(BadArgument, match="context is full.*8"):
+        e.decode(3)
+    assert e.n_past == 8
+    e.reset()
+    assert e.n_past == 0
+    e.decode(3)
+
+
+def test_bad_arguments():
+    cfg = make_cfg("gqa2-untied")
+    w = random_weights(cfg)
+    e = Engine(cfg, w, prefix_capacity=2)
+    with pytest.raises(BadArgument):
+        e.decode(cfg.vocab_size)
+    with pytest.raises(BadArgument):
+        e.decode(-1)
+    with pytest.raises(BadArgument):
+        e.prefill(np.array([0, cfg.vocab_size]))
+    with pytest.raises(BadArgument):
+        e.prefill(np.array([], np.int64))
+    with pytest.raises(BadArgument, match="prefix capacity"):
+        e.set_prefix(0, *random_prefix(cfg, [0], 3, 0)[0])
+    with pytest.raises(BadArgument):
+        e.set_prefix(cfg.n_layers, *random_prefix(cfg, [0], 1, 0)[0])
+    bad = dict(w)
+    bad["wq"] = bad["wq"][:, :-1]
+    with pytest.raises(BadArgument, match="wq"):
+        Engine(cfg, bad)
+    bad = dict(w)
+    del bad["output"]
+    with pytest.raises(BadArgument, match="output"):
+        Engine(cfg, bad)
+    assert e.n_past == 0
+
+
+def test_weights_are_not_copied(tmp_path):
+    cfg = make_cfg("gqa4-hd48")
+    w = random_weights(cfg)
+    mapped = {}
+    for name, a in w.items():
+        p = tmp_path / name
+        a.tofile(p)
+        mapped[name] = np.memmap(p, dtype="<f4", mode="r", shape=a.shape)
+    e = Engine(cfg, mapped)
+    for name in mapped:
+        assert np.shares_memory(e.weights[name], mapped[name])
+    ids = np.arange(5)
+    close(e.prefill(ids, all_logits=True), reference_forward(cfg, w, ids))
+
+
+def test_threads(monkeypatch):
+    monkeypatch.setenv("M3LITE_THREADS", "1")
+    assert default_threads() == 1
+    assert default_threads(1) == 1
+    monkeypatch.setenv("M3LITE_THREADS", "two")
+    with pytest.raises(BadArgument):
+        default_threads()
+    with pytest.raises(BadArgument):
+        default_threads(0)
+    monkeypatch.delenv("M3LITE_THREADS")
+    assert default_threads() >= 1

@@ -1,0 +1,242 @@
+"""Each numba kernel against plain numpy (float64)."""
+import numpy as np
+import pytest
+
+from m3lite.errors import BadArgument
+from m3lite.kernels import (attention_decode, attention_prefill, dot, matvec, matvec_acc, matvec_qkv,
+                            matvec_swiglu, rmsnorm, rmsnorm_rows, rope, rope_rows, rope_tables, sample,
+                            silu_mul)
+
+RNG = np.random.default_rng(0)
+
+
+def randn(*shape, scale=1.0):
+    return (scale * RNG.standard_normal(shape)).astype(np.float32)
+
+
+def readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def silu64(g):
+    g = np.asarray(g, np.float64)
+    return g / (1 + np.exp(-g))
+
+
+def softmax64(s):
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def test_dot():
+    a, b = randn(77), randn(77)
+    assert abs(dot(a, b) - a.astype(np.float64) @ b) < 1e-5
+
+
+def test_rmsnorm():
+    x, w = randn(83), randn(83)
+    out = np.empty_like(x)
+    rmsnorm(x, readonly(w), 1e-5, out)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt(np.mean(x64 ** 2) + 1e-5) * w
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    X = randn(5, 83)
+    out2 = np.empty_like(X)
+    rmsnorm_rows(X, readonly(w), 1e-5, out2)
+    X64 = X.astype(np.float64)
+    ref2 = X64 / np.sqrt(np.mean(X64 ** 2, -1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(out2, ref2, rtol=1e-5, atol=1e-6)
+    rmsnorm(x, readonly(w), 1e-5, x)  # in place
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-6)
+
+
+def rope64(x, hd, positions, theta):
+    inv = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    ang = positions[:, None] * inv
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x = x.reshape(len(positions), -1, hd).astype(np.float64)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1).reshape(len(positions), -1)
+
+
+@pytest.mark.parametrize("hd", [8, 48])
+def test_rope(hd):
+    cos, sin = rope_tables(hd, 10000.0, 300)
+    assert cos.shape == (300, hd // 2) and cos.dtype == np.float32
+    inv = 10000.0 ** (-np.arange(0, hd, 2) / hd)
+    np.testing.assert_allclose(cos, np.cos(np.arange(300)[:, None] * inv), atol=1e-4)
+    x = randn(3 * hd)
+    ref = rope64(x[None], hd, np.array([257.0]), 10000.0)[0]
+    rope(x, hd, cos[257], sin[257])
+    np.testing.assert_allclose(x, ref, atol=1e-4)
+    X = randn(6, 2 * hd)
+    ref = rope64(X, hd, np.arange(10, 16, dtype=np.float64), 10000.0)
+    rope_rows(X, hd, cos, sin, 10)
+    np.testing.assert_allclose(X, ref, atol=1e-5)
+
+
+def test_matvec_family():
+    d = 53
+    x = randn(d)
+    x64 = x.astype(np.float64)
+    w = readonly(randn(37, d))
+    out = np.empty(37, np.float32)
+    matvec(w, x, out)
+    np.testing.assert_allclose(out, w.astype(np.float64) @ x64, atol=1e-5)
+    base = randn(37)
+    acc = base.copy()
+    matvec_acc(w, x, acc)
+    np.testing.assert_allclose(acc, base + w.astype(np.float64) @ x64, atol=1e-5)
+
+    wq, wk, wv = readonly(randn(12, d)), readonly(randn(6, d)), readonly(randn(6, d))
+    q, k, v = np.empty(12, np.float32), np.empty(6, np.float32), np.empty(6, np.float32)
+    matvec_qkv(wq, wk, wv, x, q, k, v)
+    for o, m in ((q, wq), (k, wk), (v, wv)):
+        np.testing.assert_allclose(o, m.astype(np.float64) @ x64, atol=1e-5)
+
+    w1, w3 = readonly(randn(29, d)), readonly(randn(29, d))
+    h = np.empty(29, np.float32)
+    matvec_swiglu(w1, w3, x, h)
+    np.testing.assert_allclose(h, silu64(w1.astype(np.float64) @ x64) * (w3.astype(np.float64) @ x64),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_silu_mul():
+    a, b = randn(4, 19, scale=5), randn(4, 19)
+    ref = silu64(a) * b
+    silu_mul(a, b, a)
+    np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-6)
+    big = np.array([[-200.0, 200.0, 0.0]], np.float32)  # no overflow to nan
+    out = np.empty_like(big)
+    silu_mul(big, np.ones_like(big), out)
+    np.testing.assert_allclose(out, [[0.0, 200.0, 0.0]], atol=1e-6)
+
+
+def attention64(q, k, v, visible, n_rep):
+    """q [H, hd], k/v [KV, T, hd], visible [T] bool -> [H*hd]."""
+    H, hd = q.shape
+    out = []
+    for h in range(H):
+        kk, vv = k[h // n_rep][visible].astype(np.float64), v[h // n_rep][visible].astype(np.float64)
+        p = softmax64(kk @ q[h] / np.sqrt(hd))
+        out.append(p @ vv)
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 2), (8, 2)])
+def test_attention_decode(n_heads, n_kv):
+    hd, cap = 16, 20
+    kc, vc = randn(n_kv, cap, hd), randn(n_kv, cap, hd)
+    q = randn(n_heads * hd)
+    att = np.zeros((n_heads, cap), np.float32)
+    out = np.empty(n_heads * hd, np.float32)
+    start, end = 3, 15
+    attention_decode(q, kc, vc, start, end, n_heads // n_kv, 1 / np.sqrt(hd), att, out)
+    vis = np.zeros(cap, bool)
+    vis[start:end] = True
+    np.testing.assert_allclose(out, attention64(q.reshape(n_heads, hd), kc, vc, vis, n_heads // n_kv),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 1)])
+def test_attention_prefill(n_heads, n_kv):
+    hd, cap, n = 8, 24, 5
+    kc, vc = randn(n_kv, cap, hd), randn(n_kv, cap, hd)
+    q = randn(n, n_heads * hd)
+    att = np.zeros((n_heads, cap), np.float32)
+    out = np.empty_like(q)
+    start, slot0 = 2, 10  # slots 2..9: memories/past, visible to all; 10..14: the block, causal
+    attention_prefill(q, kc, vc, start, slot0, n_heads // n_kv, 1 / np.sqrt(hd), att, out)
+    for i in range(n):
+        vis = np.zeros(cap, bool)
+        vis[start:slot0 + i + 1] = True
+        np.testing.assert_allclose(out[i], attention64(q[i].reshape(n_heads, hd), kc, vc, vis, n_heads // n_kv),
+                                   atol=1e-5)
+
+
+# ---- sampling --------------------------------------------------------------------------------------------
+
+def test_greedy_is_argmax_lowest_tie():
+    x = randn(1000)
+    assert sample(x, temperature=0.0) == int(np.argmax(x))
+    x[[10, 500]] = x.max() + 1
+    assert sample(x, temperature=0.0) == 10
+    assert sample(x, temperature=0.7, top_k=1, u=0.99) == 10
+    assert sample(x, temperature=0.7, top_p=1e-9, u=0.99) == 10
+    assert sample(x, temperature=0.7, top_k=50, top_p=1e-9, u=0.99) == 10
+
+
+def test_top_k_one_and_top_p_tiny_equal_greedy():
+    for seed in range(5):
+        x = np.random.default_rng(seed).standard_normal(32000).astype(np.float32)
+        g = sample(x, temperature=0.0)
+        assert g == int(np.argmax(x))
+        assert sample(x, temperature=1.0, top_k=1, u=0.5) == g
+        assert sample(x, temperature=1.0, top_p=1e-6, u=0.999) == g
+
+
+def test_seeded_sampling_is_reproducible():
+    x = randn(512, scale=2)
+
+    def run(seed):
+        rng = np.random.default_rng(seed)
+        return [sample(x, temperature=0.8, top_k=40, top_p=0.9, u=rng.random()) for _ in range(50)]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_sampling_distribution():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    rng = np.random.default_rng(0)
+    counts = np.bincount([sample(logits, 1.0, u=rng.random()) for _ in range(4000)], minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    # top_k=2 renormalizes over the two best: 0.5/0.8, 0.3/0.8
+    counts = np.bincount([sample(logits, 1.0, top_k=2, u=rng.random()) for _ in range(4000)], minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.625, 0.375, 0, 0], atol=0.03)
+    # top_p=0.7 keeps the smallest prefix reaching 0.7: {0, 1}
+    counts = np.bincount([sample(logits, 1.0, top_p=0.7, u=rng.random()) for _ in range(4000)], minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.625, 0.375, 0, 0], atol=0.03)
+    # low temperature sharpens
+    counts = np.bincount([sample(logits, 0.25, u=rng.random()) for _ in range(2000)], minlength=4) / 2000
+    assert counts[0] > 0.85
+    # u -> 0 picks the most likely token of the sorted candidates; u -> 1 the least likely kept one
+    assert sample(logits, 1.0, top_k=3, u=0.0) == 0
+    assert sample(logits, 1.0, top_k=3, u=0.9999) == 2
+
+
+def test_top_k_partial_selection_matches_sort():
+    x = np.random.default_rng(3).standard_normal(5000).astype(np.float32)
+    best = np.argsort(-x, kind="stable")[:7]
+    # with u sweeping [0, 1) only the 7 best tokens can come out, each of them at some u
+    seen = {sample(x, 1.0, top_k=7, u=u) for u in np.linspace(0, 0.9999, 400)}
+    assert seen == set(best.tolist())
+
+
+def test_repetition_penalty():
+    x = np.array([2.0, 1.9, -1.0, -1.1], np.float32)
+    assert sample(x, 0.0) == 0
+    assert sample(x, 0.0, repetition_penalty=1.2, recent_tokens=np.array([0]), n_recent=1) == 1
+    # negative logits get multiplied: token 2 (-1.0 -> -1.5) falls below token 3 (-1.1)
+    y = np.array([-1.0, -1.1], np.float32)
+    assert sample(y, 0.0, repetition_penalty=1.5, recent_tokens=[0, 0, 0]) == 1
+    # only the first n_recent entries of the window count
+    assert sample(x, 0.0, repetition_penalty=1.2, recent_tokens=np.array([1, 0]), n_recent=1) == 0
+    # a repeated token is penalized once, not once per occurrence: 2.0/1.04 > 1.9 still wins
+    assert sample(x, 0.0, repetition_penalty=1.04, recent_tokens=np.array([0, 0, 0, 0])) == 0
+    # the penalty lowers the repeated token's probability when sampling
+    rng = np.random.default_rng(0)
+    n0 = sum(sample(x, 1.0, u=rng.random()) == 0 for _ in range(2000))
+    n1 = sum(sample(x, 1.0, repetition_penalty=1.5, recent_tokens=[0], u=rng.random()) == 0 for _ in range(2000))
+    assert n1 < n0 - 200
+    assert x[0] == 2.0  # the caller's logits are not modified
+
+
+def test_sampling_bad_arguments():
+    x = randn(10)
+    for kw in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
+               dict(repetition_penalty=0.0), dict(u=1.0), dict(recent_tokens=[1], n_recent=2)):
+        with pytest.raises(BadArgument):
+            sample(x, **kw)
