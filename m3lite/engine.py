@@ -8,9 +8,11 @@ KV cache layout, per layer and kv head, in slots::
     [ 0 ............ prefix_capacity ) [ prefix_capacity ........ prefix_capacity + max_ctx )
       explicit memories, right-aligned   context tokens, in order
 
-Layer l attends to the contiguous slot range [attn_start[l], current slot]. Plain layers start at
-prefix_capacity; a memory layer holding m memory tokens starts at prefix_capacity - m, so its memory keys
-(stored already rotated, by `set_prefix`) are seen by every query with no causal mask among them.
+Kv head g of layer l attends to the contiguous slot range [attn_start[l, g], current slot]. Plain layers
+start at prefix_capacity; a memory layer holding m memory tokens at head g starts at prefix_capacity - m, so
+its memory keys (stored already rotated, by `set_prefix`) are seen by every query with no causal mask among
+them. Attention is a sum over keys, so the order of memory tokens does not matter and padded memory slots
+are simply not stored (per-head counts).
 With prefix_capacity=0 the engine is a plain Llama decoder.
 """
 from __future__ import annotations
@@ -64,7 +66,7 @@ def default_threads(n_threads: int | None = None) -> int:
     return min(int(n_threads), numba.config.NUMBA_NUM_THREADS)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _decode_step(token, slot, pos, attn_start, eps, scale, n_rep,
                  emb, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2, norm, out_w,
                  cos, sin, k_cache, v_cache,
@@ -96,7 +98,7 @@ def _decode_step(token, slot, pos, attn_start, eps, scale, n_rep,
     matvec(out_w, xb, logits)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _store_kv(k, v, k_cache, v_cache, slot0, hd, cos, sin, pos0):
     """Rotate the keys k [n, kv_dim] for positions pos0.. and write k, v into cache slots slot0.. of one layer
     (k_cache/v_cache [n_kv, capacity, hd])."""
@@ -170,7 +172,7 @@ class Engine:
         # KV cache and memory-attention bookkeeping
         self.k_cache = np.zeros((L, n_kv, self.capacity, hd), np.float32)
         self.v_cache = np.zeros((L, n_kv, self.capacity, hd), np.float32)
-        self.attn_start = np.full(L, self.prefix_capacity, np.int64)
+        self.attn_start = np.full((L, n_kv), self.prefix_capacity, np.int64)
         self.pos_offset = 0
         self._n_past = 0
         self.cos = self.sin = np.zeros((0, hd // 2), np.float32)
@@ -198,6 +200,7 @@ class Engine:
         self.pao = np.zeros((C, cfg.q_dim), np.float32)
         self.ph1 = np.zeros((C, F), np.float32)
         self.ph3 = np.zeros((C, F), np.float32)
+        self.pscores = np.zeros((C, self.capacity), np.float32)
 
     # ---- state -------------------------------------------------------------------------------------------
 
@@ -211,11 +214,12 @@ class Engine:
         self._n_past = 0
         self.clear_prefix()
 
-    def set_prefix(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+    def set_prefix(self, layer: int, k: np.ndarray, v: np.ndarray, counts=None) -> None:
         """Put explicit-memory keys/values [n_kv, m, hd] (keys already rotated) in front of layer `layer`'s context.
 
-        They are right-aligned in the prefix region, so the layer then attends to m memory tokens plus the
-        context; m = 0 removes the layer's memories.
+        They replace the layer's previous memories and are seen by every query, without causal mask.
+        counts [n_kv] (optional): kv head g keeps only its first counts[g] tokens (padded memory slots dropped);
+        default m for every head. m = 0 removes the layer's memories.
         """
         cfg = self.cfg
         if not 0 <= int(layer) < cfg.n_layers:
@@ -226,17 +230,24 @@ class Engine:
             raise BadArgument(f"memory keys/values must both be [n_kv_heads={cfg.n_kv_heads}, m, "
                               f"head_dim={cfg.hd}], got {k.shape} and {v.shape}")
         m = k.shape[1]
+        if counts is None:
+            counts = np.full(cfg.n_kv_heads, m, np.int64)
+        else:
+            counts = np.asarray(counts).astype(np.int64).reshape(-1)
+            if counts.shape != (cfg.n_kv_heads,) or counts.min() < 0 or counts.max() > m:
+                raise BadArgument(f"memory counts must be {cfg.n_kv_heads} integers in [0, {m}], got {counts}")
         P = self.prefix_capacity
-        if m > P:
-            raise BadArgument(f"{m} memory tokens do not fit the engine's prefix capacity of {P}; create the "
-                              f"engine with a larger prefix_capacity")
-        self.k_cache[layer, :, P - m:P] = k
-        self.v_cache[layer, :, P - m:P] = v
-        self.attn_start[layer] = P - m
+        if counts.max(initial=0) > P:
+            raise BadArgument(f"{counts.max()} memory tokens do not fit the engine's prefix capacity of {P}; "
+                              f"create the engine with a larger prefix_capacity")
+        for g, c in enumerate(counts):
+            self.k_cache[layer, g, P - c:P] = k[g, :c]
+            self.v_cache[layer, g, P - c:P] = v[g, :c]
+            self.attn_start[layer, g] = P - c
 
     def clear_prefix(self) -> None:
         """Remove all explicit memories: every layer attends to the context only."""
-        self.attn_start[:] = self.prefix_capacity
+        self.attn_start[...] = self.prefix_capacity
 
     def _ensure_positions(self, n_pos: int) -> None:
         if n_pos > self.cos.shape[0]:
@@ -296,9 +307,7 @@ class Engine:
                 np.matmul(xn, self.output.T, out=out[c0:c1])
         if out is not None:
             return out
-        numba.set_num_threads(self.n_threads)
-        matvec(self.output, xn[-1], self.logits)
-        return self.logits.copy()
+        return np.matmul(self.output, xn[-1])
 
     def _prefill_block(self, ids: np.ndarray) -> np.ndarray:
         """Run up to `chunk` tokens through all layers, append their keys/values; return the final-normed
@@ -319,7 +328,7 @@ class Engine:
             rope_rows(q, hd, self.cos, self.sin, pos0)
             _store_kv(k, v, self.k_cache[l], self.v_cache[l], slot0, hd, self.cos, self.sin, pos0)
             attention_prefill(q, self.k_cache[l], self.v_cache[l], self.attn_start[l], slot0, self.n_rep,
-                              self.scale, self.att, ao)
+                              self.scale, self.pscores, ao)
             np.matmul(ao, self.wo[l].T, out=xb)
             x += xb
             rmsnorm_rows(x, self.ffn_norm[l], self.eps, xb)

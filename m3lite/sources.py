@@ -146,6 +146,11 @@ def _read_jsonl(path: Path, doc_id: str, source: str, warn: Warn) -> Iterator[Do
             if not text.strip():
                 warn(f"skipping {where}: empty text")
                 continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                warn(f"skipping {where}: invalid Unicode (a lone surrogate escape)")
+                continue
             key = obj.get("id")
             key = str(key) if isinstance(key, (str, int)) and str(key) else str(lineno)
             title = obj.get("title")
@@ -226,7 +231,8 @@ def iter_documents(source: str, on_warning: Warn | None = None) -> Iterator[Docu
     base = Path(os.path.normpath(source)).as_posix()
     if path.is_dir():
         for f in _walk(path):
-            yield from _read_file(f, f"{base}/{f.relative_to(path).as_posix()}", source, warn)
+            rel = f.relative_to(path).as_posix()
+            yield from _read_file(f, rel if base == "." else f"{base}/{rel}", source, warn)
     elif path.is_file():
         if path.suffix.lower() not in SUFFIXES:
             raise SourceError(f"{source}: unsupported file type {path.suffix or '(none)'!r}; give a "

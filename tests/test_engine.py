@@ -49,8 +49,11 @@ def rotate(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
 
 
 def reference_forward(cfg, weights, ids, pos_offset=0, prefix=None):
-    """Full-sequence forward in float64; returns logits [n, V]. prefix: {layer: (k, v)} memory keys/values
-    [n_kv, m, hd] (keys rotated) concatenated in front of that layer's context keys, visible to every query."""
+    """Full-sequence forward in float64; returns logits [n, V].
+
+    prefix: {layer: (k, v)} or {layer: (k, v, counts)} memory keys/values [n_kv, m, hd] (keys rotated), put in
+    front of that layer's context keys and visible to every query; with counts, kv head g sees only its first
+    counts[g] memory tokens."""
     w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
     n = len(ids)
     hd, H, KV = cfg.hd, cfg.n_heads, cfg.n_kv_heads
@@ -60,6 +63,7 @@ def reference_forward(cfg, weights, ids, pos_offset=0, prefix=None):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * g
 
     pos = pos_offset + np.arange(n)
+    causal = np.tril(np.ones((n, n), bool))
     x = w["tok_embeddings"][np.asarray(ids)]
     for l in range(cfg.n_layers):
         h = rms(x, w["attention_norm"][l])
@@ -67,20 +71,20 @@ def reference_forward(cfg, weights, ids, pos_offset=0, prefix=None):
         k = (h @ w["wk"][l].T).reshape(n, KV, hd).transpose(1, 0, 2)
         v = (h @ w["wv"][l].T).reshape(n, KV, hd).transpose(1, 0, 2)
         q, k = rotate(q, pos, cfg.rope_theta), rotate(k, pos, cfg.rope_theta)
-        mask = np.tril(np.ones((n, n), bool))
-        if prefix and l in prefix:
-            pk, pv = (np.asarray(a, np.float64) for a in prefix[l])
-            k = np.concatenate([pk, k], axis=1)
-            v = np.concatenate([pv, v], axis=1)
-            mask = np.concatenate([np.ones((n, pk.shape[1]), bool), mask], axis=1)
-        rep = H // KV
-        k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)
-        s = q @ k.transpose(0, 2, 1) / np.sqrt(hd)
-        s = np.where(mask[None], s, -np.inf)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        o = (p @ v).transpose(1, 0, 2).reshape(n, H * hd)
-        x = x + o @ w["wo"][l].T
+        heads = []
+        for hh in range(H):
+            g = hh // (H // KV)
+            kk, vv, mask = k[g], v[g], causal
+            if prefix and l in prefix:
+                pk, pv = (np.asarray(a, np.float64) for a in prefix[l][:2])
+                c = prefix[l][2][g] if len(prefix[l]) > 2 else pk.shape[1]
+                kk = np.concatenate([pk[g, :c], kk])
+                vv = np.concatenate([pv[g, :c], vv])
+                mask = np.concatenate([np.ones((n, c), bool), causal], axis=1)
+            s = np.where(mask, q[hh] @ kk.T / np.sqrt(hd), -np.inf)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            heads.append((p / p.sum(-1, keepdims=True)) @ vv)
+        x = x + np.concatenate(heads, axis=1) @ w["wo"][l].T
         h2 = rms(x, w["ffn_norm"][l])
         g = h2 @ w["w1"][l].T
         x = x + ((g / (1 + np.exp(-g))) * (h2 @ w["w3"][l].T)) @ w["w2"][l].T
@@ -193,6 +197,20 @@ def test_memory_prefix_replaced_midway():
     e.clear_prefix()
     assert (e.attn_start == e.prefix_capacity).all()
     close(e.decode(int(ids[5])), reference_forward(cfg, w, ids)[-1])
+
+
+def test_memory_counts_per_kv_head(model):
+    cfg, w = model
+    ids = np.random.default_rng(11).integers(0, cfg.vocab_size, 10)
+    k, v = random_prefix(cfg, [0], 6, seed=12)[0]
+    counts = np.arange(cfg.n_kv_heads) % 4 + 2  # padded memory slots: head g keeps its first counts[g] tokens
+    e = Engine(cfg, w, prefix_capacity=8)
+    e.set_prefix(0, k, v, counts=counts)
+    assert list(e.attn_start[0]) == list(8 - counts)
+    got = np.concatenate([e.prefill(ids[:6], all_logits=True), [e.decode(int(t)) for t in ids[6:]]])
+    close(got, reference_forward(cfg, w, ids, prefix={0: (k, v, counts)}))
+    with pytest.raises(BadArgument):
+        e.set_prefix(0, k, v, counts=np.full(cfg.n_kv_heads, 7))
 
 
 def test_plain_layers_ignore_prefix_region():

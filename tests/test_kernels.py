@@ -115,11 +115,12 @@ def test_silu_mul():
 
 
 def attention64(q, k, v, visible, n_rep):
-    """q [H, hd], k/v [KV, T, hd], visible [T] bool -> [H*hd]."""
+    """q [H, hd], k/v [KV, T, hd], visible [KV, T] bool -> [H*hd]."""
     H, hd = q.shape
     out = []
     for h in range(H):
-        kk, vv = k[h // n_rep][visible].astype(np.float64), v[h // n_rep][visible].astype(np.float64)
+        g = h // n_rep
+        kk, vv = k[g][visible[g]].astype(np.float64), v[g][visible[g]].astype(np.float64)
         p = softmax64(kk @ q[h] / np.sqrt(hd))
         out.append(p @ vv)
     return np.concatenate(out)
@@ -132,26 +133,29 @@ def test_attention_decode(n_heads, n_kv):
     q = randn(n_heads * hd)
     att = np.zeros((n_heads, cap), np.float32)
     out = np.empty(n_heads * hd, np.float32)
-    start, end = 3, 15
-    attention_decode(q, kc, vc, start, end, n_heads // n_kv, 1 / np.sqrt(hd), att, out)
-    vis = np.zeros(cap, bool)
-    vis[start:end] = True
+    starts, end = np.arange(n_kv, dtype=np.int64) + 3, 15  # each kv head has its own first slot
+    attention_decode(q, kc, vc, starts, end, n_heads // n_kv, 1 / np.sqrt(hd), att, out)
+    vis = np.zeros((n_kv, cap), bool)
+    for g in range(n_kv):
+        vis[g, starts[g]:end] = True
     np.testing.assert_allclose(out, attention64(q.reshape(n_heads, hd), kc, vc, vis, n_heads // n_kv),
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 1)])
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 1), (6, 2)])
 def test_attention_prefill(n_heads, n_kv):
     hd, cap, n = 8, 24, 5
     kc, vc = randn(n_kv, cap, hd), randn(n_kv, cap, hd)
     q = randn(n, n_heads * hd)
-    att = np.zeros((n_heads, cap), np.float32)
+    scores = np.full((n + 1, cap + 3), np.nan, np.float32)  # scratch may be larger than needed
     out = np.empty_like(q)
-    start, slot0 = 2, 10  # slots 2..9: memories/past, visible to all; 10..14: the block, causal
-    attention_prefill(q, kc, vc, start, slot0, n_heads // n_kv, 1 / np.sqrt(hd), att, out)
+    # slots starts[g]..9: memories/past, visible to all; 10..14: the block, causal
+    starts, slot0 = 2 + 2 * np.arange(n_kv, dtype=np.int64), 10
+    attention_prefill(q, kc, vc, starts, slot0, n_heads // n_kv, 1 / np.sqrt(hd), scores, out)
     for i in range(n):
-        vis = np.zeros(cap, bool)
-        vis[start:slot0 + i + 1] = True
+        vis = np.zeros((n_kv, cap), bool)
+        for g in range(n_kv):
+            vis[g, starts[g]:slot0 + i + 1] = True
         np.testing.assert_allclose(out[i], attention64(q[i].reshape(n_heads, hd), kc, vc, vis, n_heads // n_kv),
                                    atol=1e-5)
 
@@ -240,3 +244,22 @@ def test_sampling_bad_arguments():
                dict(repetition_penalty=0.0), dict(u=1.0), dict(recent_tokens=[1], n_recent=2)):
         with pytest.raises(BadArgument):
             sample(x, **kw)
+
+
+def test_exp_softmax_accuracy():
+    from m3lite.kernels.attention import exp_softmax
+    from numba import njit
+
+    @njit
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = exp_softmax(x[i])
+
+    x = -np.random.default_rng(0).uniform(0, 80, 100_000).astype(np.float32)
+    x[:4] = [0.0, -1e-9, -0.5, -79.9]
+    out = np.empty_like(x)
+    apply(x, out)
+    ref = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - ref) / ref) < 2e-7
+    apply(np.array([-np.inf, -200.0], np.float32), out[:2])
+    assert out[0] < 1e-37 and out[1] < 1e-37

@@ -1,65 +1,173 @@
 """Causal multi-head attention over the KV cache, with grouped-query heads.
 
-The cache of one layer is k_cache/v_cache [n_kv, capacity, hd]. Keys of a query are one contiguous slot range
-[start, end): the engine keeps explicit-memory keys right-aligned in a prefix region just before the context,
-so a memory layer simply starts earlier (start < prefix_capacity) and every memory key is visible to every
-query, while causality only concerns context slots. Query head h reads kv head h // n_rep.
+The cache of one layer is k_cache/v_cache [n_kv, capacity, hd]. The keys of a query at kv head g are one
+contiguous slot range [starts[g], end): the engine keeps explicit-memory keys right-aligned in a prefix region
+just before the context, so a memory layer simply starts earlier (starts[g] < prefix_capacity, per kv head)
+and every memory key is visible to every query, while causality only concerns context slots.
+Query head h reads kv head h // n_rep.
 """
 import numpy as np
-from numba import float32, njit, prange
+from llvmlite import ir
+from numba import float32, njit, prange, types
+from numba.extending import intrinsic
 
 from .matmul import FASTMATH, dot
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@intrinsic
+def _f32_from_bits(typingctx, x):
+    """Reinterpret the low 32 bits of an integer as a float32 (a free bitcast that LLVM can vectorize)."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = builder.trunc(args[0], ir.IntType(32)) if x.bitwidth > 32 else args[0]
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
+def exp_softmax(x):
+    """exp(x) in fp32 for x <= 0 (softmax after subtracting the max), within 1e-7 relative of exact.
+
+    libm's expf is a scalar call that LLVM cannot vectorize and was a third of the attention time; this is the
+    classic Cephes expf (range reduction to r in [-ln2/2, ln2/2], degree-6 polynomial, 2^n via the exponent
+    bits). Inputs below -87 give ~1e-38 instead of a denormal: nothing next to the max term's 1.
+    """
+    x = max(x, float32(-87.0))
+    n = np.floor(x * float32(1.4426950408889634) + float32(0.5))
+    r = x - n * float32(0.693359375) + n * float32(2.12194440e-4)
+    p = float32(1.9875691500e-4)
+    p = p * r + float32(1.3981999507e-3)
+    p = p * r + float32(8.3334519073e-3)
+    p = p * r + float32(4.1665795894e-2)
+    p = p * r + float32(1.6666665459e-1)
+    p = p * r + float32(5.0000001201e-1)
+    p = p * r * r + r + float32(1.0)
+    return p * _f32_from_bits((np.int32(n) + 127) << 23)
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def _attend(q, kc, vc, start, end, scale, att, out):
     """One query vector q [hd] against keys/values kc/vc [capacity, hd] in slots [start, end); writes out [hd]."""
+    hd = q.shape[0]
     sc = float32(scale)
+    # scores, 4 keys per pass over q
+    t = start
+    while t + 4 <= end:
+        k0 = kc[t]
+        k1 = kc[t + 1]
+        k2 = kc[t + 2]
+        k3 = kc[t + 3]
+        s0 = float32(0.0)
+        s1 = float32(0.0)
+        s2 = float32(0.0)
+        s3 = float32(0.0)
+        for i in range(hd):
+            qi = q[i]
+            s0 += qi * k0[i]
+            s1 += qi * k1[i]
+            s2 += qi * k2[i]
+            s3 += qi * k3[i]
+        att[t] = s0 * sc
+        att[t + 1] = s1 * sc
+        att[t + 2] = s2 * sc
+        att[t + 3] = s3 * sc
+        t += 4
+    while t < end:
+        att[t] = dot(q, kc[t]) * sc
+        t += 1
+    # softmax in fp32
     mx = float32(-np.inf)
     for t in range(start, end):
-        s = dot(q, kc[t]) * sc
-        att[t] = s
-        if s > mx:
-            mx = s
+        mx = max(mx, att[t])
+    for t in range(start, end):
+        att[t] = exp_softmax(att[t] - mx)
     total = float32(0.0)
     for t in range(start, end):
-        e = np.exp(att[t] - mx)
-        att[t] = e
-        total += e
-    inv = float32(1.0) / total
-    hd = out.shape[0]
+        total += att[t]
+    # weighted sum of values, 4 keys per pass over out
     for i in range(hd):
         out[i] = float32(0.0)
-    for t in range(start, end):
-        p = att[t] * inv
+    t = start
+    while t + 4 <= end:
+        p0 = att[t]
+        p1 = att[t + 1]
+        p2 = att[t + 2]
+        p3 = att[t + 3]
+        v0 = vc[t]
+        v1 = vc[t + 1]
+        v2 = vc[t + 2]
+        v3 = vc[t + 3]
+        for i in range(hd):
+            out[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i]
+        t += 4
+    while t < end:
+        p = att[t]
         vt = vc[t]
         for i in range(hd):
             out[i] += p * vt[i]
+        t += 1
+    inv = float32(1.0) / total
+    for i in range(hd):
+        out[i] *= inv
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def attention_decode(q, k_cache, v_cache, start, end, n_rep, scale, att, out):
-    """One token: q [n_heads*hd] attends to slots [start, end) of k_cache/v_cache [n_kv, capacity, hd].
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
+def attention_decode(q, k_cache, v_cache, starts, end, n_rep, scale, att, out):
+    """One token: q [n_heads*hd] attends to slots [starts[g], end) of k_cache/v_cache [n_kv, capacity, hd]
+    at kv head g (starts: int64 [n_kv]).
 
     att [n_heads, capacity] is scratch; out [n_heads*hd] receives the concatenated heads.
     """
     hd = k_cache.shape[2]
-    n_heads = q.shape[0] // hd
-    for h in prange(n_heads):
+    # prange splits the heads into contiguous runs per thread, so the n_rep query heads of a kv head mostly
+    # run one after the other on the same thread and find its keys/values in cache
+    for h in prange(q.shape[0] // hd):
         kv = h // n_rep
-        _attend(q[h * hd:(h + 1) * hd], k_cache[kv], v_cache[kv], start, end, scale, att[h],
+        _attend(q[h * hd:(h + 1) * hd], k_cache[kv], v_cache[kv], starts[kv], end, scale, att[h],
                 out[h * hd:(h + 1) * hd])
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def attention_prefill(q, k_cache, v_cache, start, slot0, n_rep, scale, att, out):
-    """A block of n tokens: row i of q [n, n_heads*hd] sits in cache slot slot0 + i and attends to slots
-    [start, slot0 + i] (memory prefix plus causal context). Writes out [n, n_heads*hd]; att [n_heads, capacity]."""
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def softmax_causal(scores, m, n_cols, n_before, scale):
+    """In place on scores[:m, :n_cols]: row i becomes softmax(scale * row[:n_before + i + 1]), zeros after."""
+    sc = float32(scale)
+    for i in range(m):
+        row = scores[i, :n_cols]
+        n = n_before + i + 1
+        mx = float32(-np.inf)
+        for t in range(n):
+            mx = max(mx, row[t])
+        for t in range(n):
+            row[t] = exp_softmax((row[t] - mx) * sc)
+        total = float32(0.0)
+        for t in range(n):
+            total += row[t]
+        inv = float32(1.0) / total
+        for t in range(n):
+            row[t] *= inv
+        for t in range(n, n_cols):
+            row[t] = float32(0.0)
+
+
+def attention_prefill(q, k_cache, v_cache, starts, slot0, n_rep, scale, scores, out):
+    """A block of m tokens: row i of q [m, n_heads*hd] sits in cache slot slot0 + i and attends to slots
+    [starts[g], slot0 + i] at kv head g (memory prefix and past context, then the causal block).
+    Writes out [m, n_heads*hd].
+
+    Prefill is compute-bound, so per head the scores and the weighted values are two BLAS GEMMs
+    (Q K^T into scores [>= m, >= slot0 + m - start], scratch) around a compiled causal softmax.
+    """
     hd = k_cache.shape[2]
-    n = q.shape[0]
-    n_heads = q.shape[1] // hd
-    for h in prange(n_heads):
+    m = q.shape[0]
+    end = slot0 + m
+    for h in range(q.shape[1] // hd):
         kv = h // n_rep
-        for i in range(n):
-            _attend(q[i, h * hd:(h + 1) * hd], k_cache[kv], v_cache[kv], start, slot0 + i + 1, scale, att[h],
-                    out[i, h * hd:(h + 1) * hd])
+        start = int(starts[kv])
+        n_cols = end - start
+        s = scores[:m, :n_cols]
+        np.matmul(q[:, h * hd:(h + 1) * hd], k_cache[kv, start:end].T, out=s)
+        softmax_causal(scores, m, n_cols, slot0 - start, scale)
+        np.matmul(s, v_cache[kv, start:end], out=out[:, h * hd:(h + 1) * hd])

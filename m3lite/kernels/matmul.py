@@ -10,7 +10,7 @@ from numba import float32, njit, prange
 FASTMATH = {"reassoc", "contract"}  # vectorized reductions + FMA; NaN/inf semantics and exp stay exact
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
 def dot(a, b):
     """fp32 dot product of two vectors of equal length."""
     s = float32(0.0)
@@ -19,26 +19,26 @@ def dot(a, b):
     return s
 
 
-@njit(fastmath=FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
 def silu(g):
     return g / (float32(1.0) + np.exp(-g))
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def matvec(w, x, out):
     """out = w @ x, w [n, d], x [d], out [n]."""
     for r in prange(w.shape[0]):
         out[r] = dot(w[r], x)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def matvec_acc(w, x, out):
     """out += w @ x (the residual add fused into the projection)."""
     for r in prange(w.shape[0]):
         out[r] = out[r] + dot(w[r], x)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def matvec_qkv(wq, wk, wv, x, q, k, v):
     """q = wq @ x, k = wk @ x, v = wv @ x in one parallel region (one thread launch instead of three)."""
     nq = wq.shape[0]
@@ -52,14 +52,14 @@ def matvec_qkv(wq, wk, wv, x, q, k, v):
             v[r - nq - nk] = dot(wv[r - nq - nk], x)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def matvec_swiglu(w1, w3, x, out):
     """out = silu(w1 @ x) * (w3 @ x), the gated MLP's first half in one pass."""
     for r in prange(w1.shape[0]):
         out[r] = silu(dot(w1[r], x)) * dot(w3[r], x)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def silu_mul(a, b, out):
     """out = silu(a) * b elementwise on [n, f] blocks (prefill); out may alias a."""
     for i in prange(a.shape[0]):

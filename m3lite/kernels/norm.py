@@ -3,7 +3,7 @@ import numpy as np
 from numba import float32, njit, prange
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def rmsnorm(x, w, eps, out):
     """out = x / sqrt(mean(x^2) + eps) * w for a vector x (writes into out, which may be x)."""
     n = x.shape[0]
@@ -16,7 +16,7 @@ def rmsnorm(x, w, eps, out):
         out[i] = (x[i] * r) * w[i]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def rmsnorm_rows(x, w, eps, out):
     """rmsnorm applied to each row of x [n, dim] (writes into out [n, dim])."""
     for i in prange(x.shape[0]):

@@ -10,16 +10,15 @@ from numba import njit, prange
 def rope_tables(hd: int, theta: float, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin tables [n_pos, hd/2] (float32) for positions 0..n_pos-1.
 
-    Computed in fp32 the way PyTorch Llama references do (inv_freq = 1/theta^(arange(0,hd,2)/hd),
-    angle = pos * inv_freq, both fp32), so that positions in the thousands round the same way.
+    Rounded exactly as the reference (converters/model.py): inv_freq = theta^(-(0, 2, .., hd-2)/hd) computed in
+    float64 and rounded to float32; angle = float32(position) * inv_freq in float32; cos/sin in float32.
     """
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))))
-    inv_freq = inv_freq.astype(np.float32)
-    ang = np.outer(np.arange(n_pos, dtype=np.float32), inv_freq).astype(np.float32)
+    inv_freq = (1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)).astype(np.float32)
+    ang = np.arange(n_pos, dtype=np.float32)[:, None] * inv_freq[None, :]
     return np.ascontiguousarray(np.cos(ang)), np.ascontiguousarray(np.sin(ang))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def rope(x, hd, cos, sin):
     """Rotate every head of the vector x [n_heads*hd] in place; cos/sin are one row [hd/2] of the tables."""
     half = hd // 2
@@ -34,7 +33,7 @@ def rope(x, hd, cos, sin):
             x[b + half + i] = x2 * c + x1 * s
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def rope_rows(x, hd, cos, sin, pos0):
     """Rotate row i of x [n, n_heads*hd] in place for position pos0 + i."""
     for i in prange(x.shape[0]):

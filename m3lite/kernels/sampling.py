@@ -10,7 +10,7 @@ from numba import njit
 from ..errors import BadArgument
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _argmax(x):
     best = 0
     for i in range(1, x.shape[0]):
@@ -19,13 +19,13 @@ def _argmax(x):
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy", inline="always")
 def _heap_less(vals, idx, a, b):
     """Heap order: smaller value first; among equal values the larger index is "smaller" (evicted first)."""
     return vals[a] < vals[b] or (vals[a] == vals[b] and idx[a] > idx[b])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sift_down(vals, idx, i, n):
     while True:
         left = 2 * i + 1
@@ -42,7 +42,7 @@ def _sift_down(vals, idx, i, n):
             return
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _top_k(x, k):
     """Indices of the k largest entries of x (ties: lowest index), sorted by value descending then index.
 
@@ -68,7 +68,7 @@ def _top_k(x, k):
     return idx
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sample_kernel(logits, temperature, top_k, top_p, repetition_penalty, recent_tokens, n_recent, u):
     """Compiled sampler; see `sample` for the meaning of the arguments (they are not checked here)."""
     V = logits.shape[0]
