@@ -30,7 +30,7 @@ from .kernels import (attention_decode, attention_prefill, matvec, matvec_acc, m
                       rmsnorm, rmsnorm_rows, rope, rope_rows, rope_tables, silu_mul)
 from .modelfile import tensor_shapes
 
-PREFILL_CHUNK = 128  # rows per prefill block: big enough for efficient GEMM, small enough for L2-sized scratch
+PREFILL_CHUNK = 128  # tokens per prefill block: enough rows for efficient GEMMs, scratch stays small
 
 
 def physical_cores() -> int:

@@ -170,6 +170,7 @@ def test_greedy_is_argmax_lowest_tie():
     assert sample(x, temperature=0.7, top_k=1, u=0.99) == 10
     assert sample(x, temperature=0.7, top_p=1e-9, u=0.99) == 10
     assert sample(x, temperature=0.7, top_k=50, top_p=1e-9, u=0.99) == 10
+    assert sample(x, temperature=1e-300, u=0.99) == 10  # 1/T overflows float32: greedy, not NaN
 
 
 def test_top_k_one_and_top_p_tiny_equal_greedy():
@@ -263,3 +264,21 @@ def test_exp_softmax_accuracy():
     assert np.max(np.abs(out - ref) / ref) < 2e-7
     apply(np.array([-np.inf, -200.0], np.float32), out[:2])
     assert out[0] < 1e-37 and out[1] < 1e-37
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked: partial selection suffices; flat: falls back to a sort
+def test_top_p_nucleus_matches_sort(scale):
+    x = (scale * np.random.default_rng(4).standard_normal(3000)).astype(np.float32)
+    p = np.exp(x.astype(np.float64) - x.max())
+    p /= p.sum()
+    order = np.argsort(-x, kind="stable")
+    n_keep = int(np.searchsorted(np.cumsum(p[order]), 0.6) + 1)
+    nucleus = order[:n_keep]
+    # u in [0, 1) maps monotonically onto the kept tokens in descending order of probability
+    q = p[nucleus] ** (1 / 0.7)
+    edges = np.cumsum(q) / q.sum()
+    for u in np.linspace(0, 0.999, 97):
+        if np.min(np.abs(edges - u)) < 1e-5:
+            continue  # fp32 vs fp64 rounding may fall either side of a boundary
+        want = nucleus[min(int(np.searchsorted(edges, u, side="right")), n_keep - 1)]
+        assert sample(x, 0.7, top_p=0.6, u=float(u)) == want

@@ -8,6 +8,8 @@ import numpy as np
 from numba import njit
 
 from ..errors import BadArgument
+from .attention import exp_softmax
+from .matmul import FASTMATH
 
 
 @njit(cache=True, error_model="numpy")
@@ -68,12 +70,24 @@ def _top_k(x, k):
     return idx
 
 
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def _exp_shifted(x, cand, n, mx, inv_t, out):
+    """out[i] = exp((x[cand[i]] - mx) * inv_t) for i < n, in fp32 (vectorized); returns their sum in fp64."""
+    for i in range(n):
+        out[i] = exp_softmax((x[cand[i]] - mx) * inv_t)
+    total = 0.0
+    for i in range(n):
+        total += out[i]
+    return total
+
+
 @njit(cache=True, error_model="numpy")
 def sample_kernel(logits, temperature, top_k, top_p, repetition_penalty, recent_tokens, n_recent, u):
     """Compiled sampler; see `sample` for the meaning of the arguments (they are not checked here)."""
     V = logits.shape[0]
-    work = logits.copy()
-    if repetition_penalty != 1.0:
+    work = logits
+    if repetition_penalty != 1.0 and n_recent > 0:
+        work = logits.copy()
         pen = np.float32(repetition_penalty)
         for j in range(n_recent):
             t = recent_tokens[j]
@@ -90,47 +104,45 @@ def sample_kernel(logits, temperature, top_k, top_p, repetition_penalty, recent_
                 work[t] = work[t] / pen
             else:
                 work[t] = work[t] * pen
-    if temperature <= 0.0 or top_k == 1:
+    if temperature <= 0.0 or top_k == 1 or np.isinf(np.float32(1.0 / temperature)):
         return _argmax(work)
+    buf = np.empty(V, np.float32)
     if 0 < top_k < V:
         cand = _top_k(work, top_k)
-        sorted_ = True
     elif top_p < 1.0:
-        order = np.argsort(-work, kind="mergesort")  # stable: ties keep the lowest index first
-        cand = order
-        sorted_ = True
+        # nucleus over the whole vocabulary without sorting it: grow a partial top-k until it holds top_p of
+        # the probability mass (for peaked distributions a few hundred tokens; flat ones end in a full sort)
+        mx = work[_argmax(work)]
+        z = _exp_shifted(work, np.arange(V), V, mx, np.float32(1.0), buf)
+        k = 256
+        while True:
+            if 4 * k >= V:
+                cand = np.argsort(-work, kind="mergesort")  # stable: ties keep the lowest index first
+                break
+            cand = _top_k(work, k)
+            if _exp_shifted(work, cand, k, mx, np.float32(1.0), buf) >= top_p * z:
+                break
+            k *= 8
     else:
         cand = np.arange(V)
-        sorted_ = False
     n = cand.shape[0]
     mx = work[cand[0]]
-    if not sorted_:
-        for i in range(n):
-            if work[cand[i]] > mx:
-                mx = work[cand[i]]
+    for i in range(n):
+        mx = max(mx, work[cand[i]])
     n_keep = n
-    if top_p < 1.0:
-        p = np.empty(n, np.float64)
-        total = 0.0
-        for i in range(n):
-            p[i] = np.exp(np.float64(work[cand[i]] - mx))
-            total += p[i]
+    if top_p < 1.0:  # cand is sorted by probability here
+        total = _exp_shifted(work, cand, n, mx, np.float32(1.0), buf)
         cum = 0.0
         for i in range(n):
-            cum += p[i]
+            cum += buf[i]
             if cum >= top_p * total:
                 n_keep = i + 1
                 break
-    inv_t = 1.0 / temperature
-    q = np.empty(n_keep, np.float64)
-    total = 0.0
-    for i in range(n_keep):
-        q[i] = np.exp((np.float64(work[cand[i]]) - mx) * inv_t)
-        total += q[i]
+    total = _exp_shifted(work, cand, n_keep, mx, np.float32(1.0 / temperature), buf)  # finite: see above
     r = u * total
     cum = 0.0
     for i in range(n_keep):
-        cum += q[i]
+        cum += buf[i]
         if r < cum:
             return cand[i]
     return cand[n_keep - 1]

@@ -1,0 +1,199 @@
+"""Explicit memory at run time: encode references into memories, build banks, and put retrieved memories
+in front of the context while a model reads and writes (the Memory3 schedule).
+
+Modes, all with the same retrieval:
+  memory  each `retrieval_interval`-token chunk of the prompt, and every `retrieval_interval` generated tokens,
+          retrieves `retrieval_top_k` references; their memories (plus the <ref> key/value) are attended at
+          the memory layers. Context positions start after the memories' shared interval [0, 128).
+  rag     the same references' text is placed in the prompt (the baseline Memory3 is measured against)
+  none    the plain model
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .bank import Bank, BankError
+from .errors import BadArgument
+from .retrieval import Embedder, MemoryCache, document_frequencies, idf_from_counts
+from .sources import Document, chunk_document, iter_documents
+
+MODES = ("memory", "rag", "none")
+IDF_ARRAY = "idf"
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise BadArgument(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    return mode
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+def qa_prompt(question: str) -> str:
+    """The question format of the SFT stage; `ask` and `chat` use it."""
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+def rag_prompt(texts: Sequence[str], question: str) -> str:
+    refs = "".join(f"Reference: {t.strip()}\n" for t in texts)
+    return refs + qa_prompt(question)
+
+
+# ------------------------------------------------------------------------------------------------ banks
+
+def bank_embedder(model, bank: Bank) -> Embedder:
+    idf = bank.get_array(IDF_ARRAY)
+    if idf is None or idf.shape != (model.config.vocab_size,):
+        raise BankError(f"bank {bank.path} has no IDF weights for this model's vocabulary; rebuild it")
+    return Embedder(model.files.weights["tok_embeddings"], idf)
+
+
+def open_bank(path, model) -> Bank:
+    p = Path(path)
+    if not (p / "manifest.json").exists():
+        raise BankError(f"no bank at {p}: build one with `m3lite bank build SOURCE --out {p}`")
+    return Bank.open(p, fingerprint=model.fingerprint)
+
+
+def collect_documents(sources: Sequence[str], warn: Callable[[str], None]) -> list[Document]:
+    docs: list[Document] = []
+    for s in sources:
+        docs.extend(iter_documents(s, on_warning=warn))
+    return docs
+
+
+def build_or_add(model, bank_path, sources: Sequence[str], quant: str = "int8", create: bool = True,
+                 warn: Callable[[str], None] = print, progress=None) -> dict:
+    """Encode the documents of `sources` into the bank at `bank_path` (created if `create`).
+
+    A new bank takes its IDF from all the references of this first build; later adds reuse it so that old
+    and new vectors stay comparable. Documents already present (same content hash) are skipped, so
+    rerunning an interrupted build resumes it.
+    """
+    cfg = model.config
+    docs = collect_documents(sources, warn)
+    if not docs:
+        raise BadArgument(f"no documents found in {', '.join(sources)}")
+    exists = (Path(bank_path) / "manifest.json").exists()
+    if not exists and not create:
+        raise BankError(f"no bank at {bank_path}: build one with `m3lite bank build SOURCE --out {bank_path}`")
+    tok = model.tokenizer
+    if exists:
+        bank = open_bank(bank_path, model)
+    else:
+        mem_shape = (len(cfg.memory_layer_ids), cfg.n_kv_heads, cfg.memory_tokens_per_head, cfg.hd)
+        bank = Bank.create(bank_path, model.fingerprint, mem_shape, quant=quant, embed_dim=cfg.dim,
+                           meta={"n_layers": cfg.n_layers, "model": cfg.name, "embedder": "idf-mean-v1"})
+    if bank.get_array(IDF_ARRAY) is None:
+        refs = [r.ids[1:] for d in docs for r in chunk_document(d, tok, cfg.reference_max_tokens)]
+        bank.put_array(IDF_ARRAY, idf_from_counts(document_frequencies(refs, cfg.vocab_size), len(refs)))
+    embed = bank_embedder(model, bank)
+    eng = model.engine("numba")
+    with model._guard():
+        stats = bank.add(docs, eng.encode_references, embed, tok, max_tokens=cfg.reference_max_tokens,
+                         progress=progress)
+    stats["bank"] = str(bank.path)
+    return stats
+
+
+def total_references(model, sources: Sequence[str]) -> int:
+    tok = model.tokenizer
+    return sum(len(chunk_document(d, tok, model.config.reference_max_tokens))
+               for d in collect_documents(sources, lambda m: None))
+
+
+# ------------------------------------------------------------------------------------------------ at run time
+
+@dataclass
+class Hit:
+    id: int
+    score: float
+    attention: float = 0.0  # share of the answer's attention at memory layers
+
+
+@dataclass
+class MemorySession:
+    """Retrieval for one generation: chooses memories and installs them in the engine (memory mode)."""
+
+    model: object
+    bank: Bank
+    mode: str = "memory"
+    top_k: int | None = None
+    cache: MemoryCache | None = None
+    retrieval_s: float = 0.0
+    hits: dict[int, Hit] = field(default_factory=dict)  # every reference used, in order of first use
+    _segments: list[tuple[int, int, int]] = field(default_factory=list)  # (ref id, first slot, end slot)
+
+    def __post_init__(self):
+        self.embed = bank_embedder(self.model, self.bank)
+        self.k = self.top_k or self.model.config.retrieval_top_k
+        if self.cache is None:
+            self.cache = MemoryCache(self.bank)
+
+    def retrieve(self, token_ids: Sequence[int]) -> list[tuple[int, float]]:
+        t0 = time.perf_counter()
+        tok = self.model.tokenizer
+        ids = [int(t) for t in token_ids if not tok.is_special(int(t))]
+        found: list[tuple[int, float]] = []
+        if ids and self.bank.live_count:
+            q = self.embed([ids])[0]
+            if np.any(q):
+                rid, sc = self.bank.search(q, min(self.k, self.bank.live_count))
+                found = [(int(i), float(s)) for i, s in zip(rid, sc)]
+        for i, s in found:
+            if i not in self.hits:
+                self.hits[i] = Hit(i, s)
+            else:
+                self.hits[i].score = max(self.hits[i].score, s)
+        self.retrieval_s += time.perf_counter() - t0
+        return found
+
+    def install(self, engine, token_ids: Sequence[int]) -> None:
+        """Retrieve for `token_ids` and put those memories in front of the context at the memory layers."""
+        self.collect_attention(engine)
+        found = self.retrieve(token_ids)
+        t0 = time.perf_counter()
+        mems = self.cache.get([i for i, _ in found])
+        ref_k, ref_v = engine.ref_kv()
+        cfg = self.model.config
+        segs = []
+        for j, layer in enumerate(cfg.memory_layer_ids):
+            ks, vs = [ref_k[j]], [ref_v[j]]
+            slot = 1
+            for (rid, _), (k, v, pos, cnt) in zip(found, mems):
+                c = int(cnt[j].min())
+                ks.append(k[j, :, :c])
+                vs.append(v[j, :, :c])
+                if j == 0:
+                    segs.append((rid, slot, slot + c))
+                slot += c
+            engine.set_prefix(layer, np.concatenate(ks, axis=1), np.concatenate(vs, axis=1))
+        self._segments = segs
+        engine.reset_prefix_attention()
+        self.retrieval_s += time.perf_counter() - t0
+
+    def collect_attention(self, engine) -> None:
+        """Add the attention the decoded tokens paid to the current memories to their hits."""
+        mass = engine.prefix_attention()  # [m] over the installed prefix slots, summed over layers/heads/steps
+        if mass is None or not self._segments:
+            return
+        total = engine.prefix_attention_total()
+        if total <= 0:
+            return
+        for rid, a, b in self._segments:
+            self.hits[rid].attention += float(mass[a:b].sum()) / total
+
+    def references(self, attention: bool = True) -> list[dict]:
+        out = []
+        for h in self.hits.values():
+            r = self.bank.reference(h.id)
+            r["score"] = round(h.score, 4)
+            if attention and self.mode == "memory":
+                r["attention"] = round(h.attention, 4)
+            out.append(r)
+        return out
