@@ -4,7 +4,7 @@ from .errors import M3Error
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "M3Error", "load", "Model", "__version__"]
+__all__ = ["ModelConfig", "M3Error", "load", "Model", "Bank", "__version__"]
 
 
 def load(model_dir, **kwargs):
@@ -19,4 +19,8 @@ def __getattr__(name):
         from .model import Model
 
         return Model
+    if name == "Bank":
+        from .bank import Bank
+
+        return Bank
     raise AttributeError(name)

@@ -115,6 +115,202 @@ def info(
     typer.echo(f"fingerprint  {d['fingerprint']}")
 
 
+BANK_HELP = "Bank directory (made by `m3lite bank build`)."
+bank_app = typer.Typer(help="Build, grow, inspect and search memory banks.", no_args_is_help=True,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(bank_app, name="bank")
+
+
+def _warn(msg: str) -> None:
+    typer.echo(f"warning: {msg}", err=True)
+
+
+def _progress_build(model, out: Path, sources: list[str], quant: str, create: bool, as_json: bool) -> None:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from .memory import build_or_add
+
+    cols = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} refs/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*cols, transient=False, disable=as_json or not sys.stderr.isatty(),
+                  console=None) as bar:
+        task = bar.add_task("encoding references", total=None, rate="-")
+
+        def progress(st: dict, total: int) -> None:
+            sec = max(st.get("seconds", 0.0), 1e-9)
+            bar.update(task, total=total, completed=st["added"], rate=f"{st['added'] / sec:.0f}")
+
+        stats = build_or_add(model, out, sources, quant=quant, create=create, warn=_warn, progress=progress)
+    if as_json:
+        _echo_json(stats)
+    else:
+        typer.echo(f"{stats['bank']}: added {stats['added']} references from {stats['documents_added']} documents "
+                   f"({stats['skipped']} already present) in {stats['seconds']:.1f} s, "
+                   f"{stats['references_per_s']:.0f} refs/s; the bank holds {stats['count']} references")
+
+
+QUANT_HELP = "How memories are stored: int8 (default), int4, f16 or f32."
+
+
+@bank_app.command("build")
+def bank_build(
+    sources: list[str] = typer.Argument(..., help="Files (.txt .md .jsonl), folders, or wiki:en / wiki:es / wiki:fr."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bank directory to create (or resume)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    quant: str = typer.Option("int8", help=QUANT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the build statistics as JSON."),
+) -> None:
+    """Build a bank: cut SOURCES into references and encode each into an explicit memory.
+
+    Killed or interrupted, the bank keeps everything committed so far; run the same command again to resume."""
+    from .model import Model
+
+    _progress_build(Model.load(_model_dir(model)), out, sources, quant, True, as_json)
+
+
+@bank_app.command("add")
+def bank_add(
+    bank: Path = typer.Argument(..., help=BANK_HELP),
+    sources: list[str] = typer.Argument(..., help="Files, folders or wiki:LANG to add."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
+) -> None:
+    """Add documents to a bank; documents already present (same content) are skipped."""
+    from .model import Model
+
+    _progress_build(Model.load(_model_dir(model)), bank, sources, "int8", False, as_json)
+
+
+@bank_app.command("remove")
+def bank_remove(
+    bank: Path = typer.Argument(..., help=BANK_HELP),
+    source: str = typer.Option(..., "--source", help="Document id (as `bank search` shows) or source to remove."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as JSON."),
+) -> None:
+    """Remove a document (or every document of a source) from a bank."""
+    from .bank import Bank
+
+    r = Bank.open(bank).remove(source)
+    if as_json:
+        _echo_json(r)
+    elif r["documents"] == 0:
+        raise M3Error(f"nothing in {bank} has the id or source {source!r}; see `m3lite bank info {bank}`")
+    else:
+        typer.echo(f"removed {r['documents']} document(s), {r['references']} references")
+
+
+@bank_app.command("info")
+def bank_info(
+    bank: Path = typer.Argument(..., help=BANK_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Show a bank's size, quantization, compression and model fingerprint."""
+    from .bank import Bank
+
+    d = Bank.open(bank).info()
+    if as_json:
+        _echo_json(d)
+        return
+    s = d["memory_shape"]
+    typer.echo(f"bank          {d['path']}")
+    typer.echo(f"references    {d['live_references']:,} live of {d['references']:,} "
+               f"({d['documents']:,} documents, {d['deleted_documents']} removed)")
+    typer.echo(f"memory        {s['n_memory_layers']} layers x {s['n_kv_heads']} KV heads x {s['tokens_per_head']} "
+               f"tokens x {s['head_dim']} dims, {d['quantization']}, {d['memory_record_bytes']:,} bytes/reference")
+    typer.echo(f"disk          {d['disk_bytes']:,} bytes, {d['bytes_per_reference']:,.0f} bytes/reference")
+    if "compression_vs_fp32_kv_all_layers" in d:
+        typer.echo(f"compression   x{d['compression_vs_fp32_kv_all_layers']:.1f} vs the full fp32 KV of all layers, "
+                   f"x{d['compression_vs_fp32_kv_memory_layers']:.1f} vs the memory layers'")
+    typer.echo(f"fingerprint   {d['fingerprint']} (the model it was built with)")
+
+
+@bank_app.command("search")
+def bank_search(
+    bank: Path = typer.Argument(..., help=BANK_HELP),
+    query: str = typer.Argument(..., help="Text to look for."),
+    k: int = typer.Option(5, "--k", "-k", help="How many references to return."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+) -> None:
+    """Find the references of a bank closest to QUERY (the model's own embedder, cosine)."""
+    from .memory import MemorySession, open_bank
+    from .model import Model
+
+    m = Model.load(_model_dir(model))
+    s = MemorySession(m, open_bank(bank, m), top_k=k)
+    found = s.retrieve(m.tokenizer.encode(query))
+    refs = []
+    for i, score in found:
+        r = s.bank.reference(i)
+        r["score"] = round(score, 4)
+        refs.append(r)
+    if as_json:
+        _echo_json(refs)
+        return
+    for n, r in enumerate(refs, 1):
+        _print_reference(n, r)
+
+
+def _snippet(text: str, n: int = 160) -> str:
+    t = " ".join(text.split())
+    return t if len(t) <= n else t[: n - 1] + "\u2026"
+
+
+def _print_reference(n: int, r: dict) -> None:
+    att = f", attention {100 * r['attention']:.1f}%" if "attention" in r else ""
+    typer.echo(f"[{n}] {r['title']} ({r['doc_id']}) score {r['score']:.3f}{att}")
+    typer.echo(f"    {_snippet(r['text'])}")
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="Your question."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    bank: Optional[Path] = typer.Option(None, "--bank", "-b", help=BANK_HELP),
+    mode: str = typer.Option("memory", help="memory (explicit memories), rag (references in the prompt) or none."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens in the answer."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 (default) is greedy."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    as_json: bool = typer.Option(False, "--json", help="Print answer, references and timings as JSON."),
+) -> None:
+    """Answer QUESTION from a bank, then list the references used."""
+    from .memory import check_mode, qa_prompt
+    from .model import Model
+
+    check_mode(mode)
+    m = Model.load(_model_dir(model))
+    if mode != "none" and bank is None:
+        raise M3Error(f"mode {mode} needs a bank: pass --bank BANK (build one with `m3lite bank build`)")
+    pieces = m.generate(qa_prompt(question), max_new_tokens=max_tokens, temperature=temperature, seed=seed,
+                        stop=["\nQuestion:"], stream=True, bank=bank if mode != "none" else None, mode=mode)
+    if not as_json:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        for _ in pieces:
+            pass
+    r = m.last_result
+    for note in r.notes:
+        _warn(note)
+    if as_json:
+        _echo_json({
+            "answer": r.text.strip(), "mode": mode, "notes": r.notes,
+            "references": [{k: x.get(k) for k in ("id", "doc_id", "source", "title", "text", "score", "attention")
+                            if k in x} for x in r.references],
+            "timings": {"retrieval_ms": round(r.retrieval_s * 1000, 3), "ttft_ms": round(r.ttft_s * 1000, 3),
+                        "prefill_tokens_per_s": round(r.prefill_tokens_per_s, 2),
+                        "decode_tokens_per_s": round(r.decode_tokens_per_s, 2)},
+        })
+        return
+    if r.references:
+        typer.echo("\nSources:")
+        for n, ref in enumerate(r.references, 1):
+            _print_reference(n, ref)
+
+
 def main() -> None:
     if os.environ.get("NO_COLOR") is not None:
         os.environ.setdefault("TERM", "dumb")

@@ -14,6 +14,13 @@ its memory keys (stored already rotated, by `set_prefix`) are seen by every quer
 them. Attention is a sum over keys, so the order of memory tokens does not matter and padded memory slots
 are simply not stored (per-head counts).
 With prefix_capacity=0 the engine is a plain Llama decoder.
+
+Explicit memory (Memory3), besides `set_prefix`:
+- `encode_references` turns references (<ref> + text ids) into sparse memories, exactly as
+  `converters.model.encode_memory`, on its own scratch buffers (the context state is not touched);
+- `ref_kv` is the <ref> token's key/value at the memory layers (cached: the weights never change);
+- decode steps add the attention weight that queries of the memory layers put on each prefix slot into a
+  tracker (`prefix_attention`, `prefix_attention_total`, `reset_prefix_attention`), for citations.
 """
 from __future__ import annotations
 
@@ -26,11 +33,14 @@ from numba import njit
 
 from .config import ModelConfig
 from .errors import BadArgument
-from .kernels import (attention_decode, attention_prefill, matvec, matvec_acc, matvec_qkv, matvec_swiglu,
-                      rmsnorm, rmsnorm_rows, rope, rope_rows, rope_tables, silu_mul)
+from .kernels import (accumulate_prefix_attention, attention_decode, attention_prefill, matvec, matvec_acc,
+                      matvec_qkv, matvec_swiglu, reference_attention, rmsnorm, rmsnorm_rows, rope, rope_rows,
+                      rope_rows_at, rope_tables, select_tokens, selection_scores, silu_mul)
 from .modelfile import tensor_shapes
 
 PREFILL_CHUNK = 128  # tokens per prefill block: enough rows for efficient GEMMs, scratch stays small
+ENCODE_TOKENS = 2048  # tokens (of several references, packed) per encode block
+REF_ID = 4  # the <ref> token that starts every reference (converters.tokenizer.REF)
 
 
 def physical_cores() -> int:
@@ -70,9 +80,14 @@ def default_threads(n_threads: int | None = None) -> int:
 def _decode_step(token, slot, pos, attn_start, eps, scale, n_rep,
                  emb, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2, norm, out_w,
                  cos, sin, k_cache, v_cache,
-                 x, xb, q, k, v, att, ao, hb, logits):
+                 x, xb, q, k, v, att, att_totals, ao, hb, logits,
+                 track, prefix_end, mass, mass_total):
     """The whole forward pass of one token, all layers; writes logits [V]. Parallelism lives in the kernels
-    (prange over matrix rows and attention heads); this function itself allocates nothing."""
+    (prange over matrix rows and attention heads); this function itself allocates nothing.
+
+    Prefix-attention tracking: at each layer l with track[l], the softmax weights of every query head on the
+    prefix slots [attn_start[l, g], prefix_end) are added to mass [prefix_end] (float64) and n_heads (the
+    softmax mass of the layer) to mass_total[0]."""
     dim = x.shape[0]
     n_kv = k_cache.shape[1]
     hd = k_cache.shape[3]
@@ -89,7 +104,10 @@ def _decode_step(token, slot, pos, attn_start, eps, scale, n_rep,
             for i in range(hd):
                 kc[i] = k[h * hd + i]
                 vc[i] = v[h * hd + i]
-        attention_decode(q, k_cache[l], v_cache[l], attn_start[l], slot + 1, n_rep, scale, att, ao)
+        attention_decode(q, k_cache[l], v_cache[l], attn_start[l], slot + 1, n_rep, scale, att, ao, att_totals)
+        if track[l]:
+            accumulate_prefix_attention(att, att_totals, attn_start[l], prefix_end, n_rep, mass)
+            mass_total[0] += att.shape[0]
         matvec_acc(wo[l], ao, x)
         rmsnorm(x, ffn_norm[l], eps, xb)
         matvec_swiglu(w1[l], w3[l], xb, hb)
@@ -187,7 +205,17 @@ class Engine:
         self.ao = np.zeros(cfg.q_dim, np.float32)
         self.hb = np.zeros(F, np.float32)
         self.att = np.zeros((cfg.n_heads, self.capacity), np.float32)
+        self.att_totals = np.zeros(cfg.n_heads, np.float32)
         self.logits = np.zeros(V, np.float32)
+
+        # explicit memory: which layers are memory layers, the prefix-attention tracker, the cached <ref> K/V
+        self.memory_layers = list(cfg.memory_layer_ids)
+        self.track = np.zeros(L, np.bool_)
+        self.track[self.memory_layers] = True
+        self.prefix_mass = np.zeros(self.prefix_capacity, np.float64)
+        self.prefix_mass_total = np.zeros(1, np.float64)
+        self._ref_kv: tuple[np.ndarray, np.ndarray] | None = None
+        self._enc: dict[str, np.ndarray] = {}  # encode scratch, allocated on first use
 
         # prefill scratch (one block of up to PREFILL_CHUNK tokens)
         C = min(PREFILL_CHUNK, self.max_ctx)
@@ -210,7 +238,8 @@ class Engine:
         return self._n_past
 
     def reset(self) -> None:
-        """Forget the context and the explicit memories (pos_offset is left as it is)."""
+        """Forget the context and the explicit memories, and zero the prefix-attention tracker (pos_offset is
+        left as it is)."""
         self._n_past = 0
         self.clear_prefix()
 
@@ -220,6 +249,7 @@ class Engine:
         They replace the layer's previous memories and are seen by every query, without causal mask.
         counts [n_kv] (optional): kv head g keeps only its first counts[g] tokens (padded memory slots dropped);
         default m for every head. m = 0 removes the layer's memories.
+        The slots now hold other memories, so the prefix-attention tracker is zeroed (read it first).
         """
         cfg = self.cfg
         if not 0 <= int(layer) < cfg.n_layers:
@@ -244,10 +274,44 @@ class Engine:
             self.k_cache[layer, g, P - c:P] = k[g, :c]
             self.v_cache[layer, g, P - c:P] = v[g, :c]
             self.attn_start[layer, g] = P - c
+        self.reset_prefix_attention()
 
     def clear_prefix(self) -> None:
-        """Remove all explicit memories: every layer attends to the context only."""
+        """Remove all explicit memories: every layer attends to the context only. Zeroes the prefix-attention
+        tracker."""
         self.attn_start[...] = self.prefix_capacity
+        self.reset_prefix_attention()
+
+    # ---- prefix-attention tracking (citations) -------------------------------------------------------------
+
+    def reset_prefix_attention(self) -> None:
+        """Zero the attention mass accumulated on the prefix slots and its total."""
+        self.prefix_mass[:] = 0.0
+        self.prefix_mass_total[0] = 0.0
+
+    def prefix_attention(self) -> np.ndarray:
+        """Attention mass per installed prefix slot [m] (float64, a copy), accumulated by `decode` since the
+        last reset: the softmax weight that each query head of each memory layer (cfg.memory_layer_ids) put on
+        the slot, summed over those layers, heads and decode steps (prefill is not counted).
+
+        Index i is cache slot prefix_capacity - m + i, with m the largest number of memory tokens installed at
+        any memory layer and kv head. Memories are right-aligned per (layer, kv head), so when every memory
+        layer and head holds the same m tokens (as `set_prefix` without counts, installing the same memories
+        at each memory layer), index i is memory token i of every layer/head. With per-head counts
+        (`set_prefix(..., counts)`) a kv head holding c < m tokens keeps its first c tokens in slots
+        m - c .. m - 1 of this array: the mass of its token i lands at index m - c + i. Empty when no memory
+        is installed at any memory layer.
+        """
+        P = self.prefix_capacity
+        starts = self.attn_start[self.track]
+        m = P - int(starts.min()) if starts.size else 0
+        return self.prefix_mass[P - m:P].copy()
+
+    def prefix_attention_total(self) -> float:
+        """All the attention mass of the memory layers over the same decode steps: steps * n_memory_layers *
+        n_heads (each softmax sums to 1), so prefix_attention() / prefix_attention_total() is the share of
+        attention each prefix slot received."""
+        return float(self.prefix_mass_total[0])
 
     def _ensure_positions(self, n_pos: int) -> None:
         if n_pos > self.cos.shape[0]:
@@ -275,8 +339,9 @@ class Engine:
         _decode_step(t, self.prefix_capacity + self._n_past, pos, self.attn_start, self.eps, self.scale,
                      self.n_rep, self.tok_embeddings, self.attention_norm, self.wq, self.wk, self.wv, self.wo,
                      self.ffn_norm, self.w1, self.w3, self.w2, self.norm, self.output, self.cos, self.sin,
-                     self.k_cache, self.v_cache, self.x, self.xb, self.q, self.k, self.v, self.att, self.ao,
-                     self.hb, self.logits)
+                     self.k_cache, self.v_cache, self.x, self.xb, self.q, self.k, self.v, self.att,
+                     self.att_totals, self.ao, self.hb, self.logits, self.track, self.prefix_capacity,
+                     self.prefix_mass, self.prefix_mass_total)
         self._n_past += 1
         return self.logits.copy()
 
@@ -340,3 +405,155 @@ class Engine:
         rmsnorm_rows(x, self.norm, self.eps, xb)
         self._n_past += m
         return xb
+
+    # ---- explicit memory: encoding references ---------------------------------------------------------------
+
+    def _check_references(self, refs) -> list[np.ndarray]:
+        cfg = self.cfg
+        V, T = cfg.vocab_size, cfg.reference_max_tokens
+        if isinstance(refs, (str, bytes)) or not hasattr(refs, "__len__"):
+            raise BadArgument("references must be a list of token-id lists")
+        rows = []
+        for i, r in enumerate(refs):
+            a = np.asarray(r)
+            if a.ndim != 1:
+                raise BadArgument(f"reference {i} must be a 1-D list of token ids, got shape {a.shape}")
+            if a.size == 0:
+                raise BadArgument(f"reference {i} is empty: a reference is <ref> (id {REF_ID}) followed by text "
+                                  f"token ids")
+            if not np.issubdtype(a.dtype, np.integer):
+                raise BadArgument(f"reference {i} must hold integer token ids, got {a.dtype}")
+            if a.size > T:
+                raise BadArgument(f"reference {i} has {a.size} tokens; the model's references hold at most "
+                                  f"reference_max_tokens={T} (<ref> included)")
+            if a.min() < 0 or a.max() >= V:
+                raise BadArgument(f"reference {i} has token ids from {a.min()} to {a.max()}, outside [0, {V})")
+            if a[0] != REF_ID:
+                raise BadArgument(f"reference {i} starts with token {a[0]}; every reference must start with the "
+                                  f"<ref> token (id {REF_ID})")
+            rows.append(a.astype(np.int64))
+        return rows
+
+    def encode_references(self, refs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Encode references into explicit memories, exactly as `converters.model.encode_memory`.
+
+        refs: B lists of token ids, each <ref> (id 4) followed by up to reference_max_tokens - 1 text ids.
+        Returns, with Lm = len(cfg.memory_layer_ids) (in that order), K = cfg.memory_tokens_per_head:
+
+            keys, values  [B, Lm, n_kv, K, hd] float32  kept tokens' keys (rotated at their position in the
+                                                        reference, as the layer used them) and values
+            positions     [B, Lm, n_kv, K] int32        each kept token's position (1..len-1), ascending
+            counts        [B, Lm, n_kv] int32           valid slots: min(K, len - 1); later slots are zero,
+                                                        position 0
+
+        Each reference runs alone (causal attention, RoPE positions 0..len-1) through layers 0..max memory
+        layer; at a memory layer, kv head g keeps the K text tokens with the highest selection score
+        (`kernels.selection_scores`: attention received from the text tokens of g's query heads, no causal
+        mask, no RoPE; ties to the lower position). References are packed into blocks of up to ENCODE_TOKENS
+        tokens so the projections are large GEMMs. Uses its own scratch: the context, the memories and the
+        tracker of the engine are untouched.
+        """
+        cfg = self.cfg
+        rows = self._check_references(refs)
+        B, Lm, G, K, hd = len(rows), len(self.memory_layers), cfg.n_kv_heads, cfg.memory_tokens_per_head, cfg.hd
+        keys = np.zeros((B, Lm, G, K, hd), np.float32)
+        values = np.zeros((B, Lm, G, K, hd), np.float32)
+        positions = np.zeros((B, Lm, G, K), np.int32)
+        counts = np.zeros((B, Lm, G), np.int32)
+        if B:
+            self._encode(rows, keys, values, positions, counts, select=True)
+        return keys, values, positions, counts
+
+    def ref_kv(self) -> tuple[np.ndarray, np.ndarray]:
+        """The <ref> token alone at position 0 through the memory layers: k (rotated), v [Lm, n_kv, 1, hd]
+        float32, as `converters.model.ref_kv`. Computed once and cached (read-only arrays)."""
+        if self._ref_kv is None:
+            cfg = self.cfg
+            shape = (1, len(self.memory_layers), cfg.n_kv_heads, 1, cfg.hd)
+            k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            pos = np.zeros(shape[:4], np.int32)
+            cnt = np.zeros(shape[:3], np.int32)
+            self._encode([np.array([REF_ID], np.int64)], k, v, pos, cnt, select=False)
+            k, v = k[0], v[0]
+            k.flags.writeable = False
+            v.flags.writeable = False
+            self._ref_kv = (k, v)
+        return self._ref_kv
+
+    def _encode_block_tokens(self) -> int:
+        """Tokens per encode block: ENCODE_TOKENS, fewer for wide models (scratch stays under ~64 MiB)."""
+        cfg = self.cfg
+        row_bytes = 4 * (2 * cfg.dim + 2 * cfg.q_dim + 2 * cfg.kv_dim + 2 * cfg.ffn_dim)
+        return max(cfg.reference_max_tokens, min(ENCODE_TOKENS, (64 << 20) // row_bytes))
+
+    def _encode(self, rows, keys, values, positions, counts, select: bool) -> None:
+        """Run `rows` in blocks and fill the outputs (see encode_references). select=False keeps position 0
+        (the <ref> token) in slot 0 of every layer/head instead of the selected tokens (for ref_kv)."""
+        cfg = self.cfg
+        cap = self._encode_block_tokens()
+        n_all = sum(len(r) for r in rows)
+        N = min(n_all, cap) if len(rows) > 1 else n_all
+        N = max(N, max(len(r) for r in rows))
+        D, qd, kvd, F = cfg.dim, cfg.q_dim, cfg.kv_dim, cfg.ffn_dim
+        scratch = {"x": (N, D), "xb": (N, D), "q": (N, qd), "k": (N, kvd), "v": (N, kvd), "ao": (N, qd),
+                   "h1": (N, F), "h3": (N, F)}
+        sc = {name: np.empty(shape, np.float32) for name, shape in scratch.items()}
+        self._ensure_positions(cfg.reference_max_tokens)
+        numba.set_num_threads(1)  # BLAS owns the cores during the GEMMs (see prefill)
+        b0 = 0
+        while b0 < len(rows):
+            b1, n = b0, 0
+            while b1 < len(rows) and (b1 == b0 or n + len(rows[b1]) <= N):
+                n += len(rows[b1])
+                b1 += 1
+            self._encode_block(rows[b0:b1], sc, keys[b0:b1], values[b0:b1], positions[b0:b1], counts[b0:b1],
+                               select)
+            b0 = b1
+
+    def _encode_block(self, rows, sc, keys, values, positions, counts, select: bool) -> None:
+        cfg = self.cfg
+        hd, G, K = cfg.hd, cfg.n_kv_heads, keys.shape[3]
+        B = len(rows)
+        lengths = np.array([len(r) for r in rows], np.int64)
+        starts = np.zeros(B, np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        N, T = int(lengths.sum()), int(lengths.max())
+        pos = np.arange(N, dtype=np.int64) - np.repeat(starts, lengths)
+        x, xb, q, k, v, ao = (sc[name][:N] for name in ("x", "xb", "q", "k", "v", "ao"))
+        h1, h3 = sc["h1"][:N], sc["h3"][:N]
+        np.take(self.tok_embeddings, np.concatenate(rows), axis=0, out=x)
+        last = max(self.memory_layers)
+        slot_of = {layer: i for i, layer in enumerate(self.memory_layers)}
+        g_idx = np.arange(G)[None, :, None]
+        for l in range(last + 1):
+            rmsnorm_rows(x, self.attention_norm[l], self.eps, xb)
+            np.matmul(xb, self.wk[l].T, out=k)
+            np.matmul(xb, self.wv[l].T, out=v)
+            if l < last or select:
+                np.matmul(xb, self.wq[l].T, out=q)
+            li = slot_of.get(l)
+            if li is not None:
+                if select:
+                    chosen, cnt = select_tokens(selection_scores(q, k, lengths, hd, self.scale), lengths, K)
+                else:
+                    chosen, cnt = np.zeros((B, G, K), np.int32), np.ones(B, np.int32)
+            rope_rows_at(k, hd, self.cos, self.sin, pos)
+            if li is not None:
+                valid = (np.arange(K) < cnt[:, None, None])[..., None]
+                idx = starts[:, None, None] + chosen  # [B, G, K] rows of the packed block
+                keys[:, li] = np.where(valid, k.reshape(N, G, hd)[idx, g_idx], 0.0)
+                values[:, li] = np.where(valid, v.reshape(N, G, hd)[idx, g_idx], 0.0)
+                positions[:, li] = chosen
+                counts[:, li] = cnt[:, None]
+            if l == last:
+                break  # later layers, and this layer's attention output, never reach a memory
+            rope_rows_at(q, hd, self.cos, self.sin, pos)
+            reference_attention(q, k, v, lengths, hd, self.scale, ao)
+            np.matmul(ao, self.wo[l].T, out=xb)
+            x += xb
+            rmsnorm_rows(x, self.ffn_norm[l], self.eps, xb)
+            np.matmul(xb, self.w1[l].T, out=h1)
+            np.matmul(xb, self.w3[l].T, out=h3)
+            silu_mul(h1, h3, h1)
+            np.matmul(h1, self.w2[l].T, out=xb)
+            x += xb

@@ -47,6 +47,10 @@ class GenerationResult:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     ttft_s: float = 0.0
+    retrieval_s: float = 0.0
+    mode: str = "none"
+    references: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # things the user should know (e.g. references left out)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -66,6 +70,10 @@ class GenerationResult:
             "ttft_ms": round(self.ttft_s * 1000, 3),
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
+            "retrieval_ms": round(self.retrieval_s * 1000, 3),
+            "mode": self.mode,
+            "references": self.references,
+            "notes": self.notes,
         }
 
 
@@ -80,9 +88,24 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return keep
 
 
+def _prefill(engine, prompt_ids, memory) -> np.ndarray:
+    ids = np.asarray(prompt_ids, np.int64)
+    if memory is None:
+        return engine.prefill(ids)
+    n = memory.model.config.retrieval_interval
+    for c0 in range(0, len(ids), n):  # each chunk attends to the memories retrieved for it
+        memory.install(engine, ids[c0:c0 + n])
+        logits = engine.prefill(ids[c0:c0 + n])
+    return logits
+
+
 def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
-           result: GenerationResult, cancel=None) -> Iterator[str]:
-    """Yield text pieces as tokens are produced; fill `result` as it goes. `cancel()` -> True stops early."""
+           result: GenerationResult, cancel=None, memory=None) -> Iterator[str]:
+    """Yield text pieces as tokens are produced; fill `result` as it goes. `cancel()` -> True stops early.
+
+    With `memory` (a MemorySession in memory mode), the prompt is prefilled in retrieval_interval chunks,
+    each with its own memories, and every retrieval_interval generated tokens the memories are replaced by
+    those retrieved with the last retrieval_interval tokens as the query."""
     p.validate()
     stops = [s for s in p.stop if s]
     if len(prompt_ids) == 0:
@@ -98,7 +121,7 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
         n_recent += 1
     result.prompt_tokens = len(prompt_ids)
     t0 = time.perf_counter()
-    logits = engine.prefill(np.asarray(prompt_ids, np.int64))
+    logits = _prefill(engine, prompt_ids, memory)
     t1 = time.perf_counter()
     result.prefill_s = t1 - t0
     dec = StreamDecoder(tok)
@@ -131,9 +154,10 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
             sent = upto
         if i + 1 == p.max_new_tokens or engine.n_past >= engine.max_ctx:
             break
+        if memory is not None and len(result.tokens) % memory.model.config.retrieval_interval == 0:
+            n = memory.model.config.retrieval_interval
+            memory.install(engine, result.tokens[-n:])
         logits = engine.decode(token)
-    else:
-        pass
     if result.finish_reason != "stop" or not stops:
         out += dec.flush()
     result.decode_s = max(0.0, time.perf_counter() - t1 - result.ttft_s + result.prefill_s) if result.tokens else 0.0

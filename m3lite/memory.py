@@ -39,9 +39,9 @@ def qa_prompt(question: str) -> str:
     return f"Question: {question.strip()}\nAnswer:"
 
 
-def rag_prompt(texts: Sequence[str], question: str) -> str:
-    refs = "".join(f"Reference: {t.strip()}\n" for t in texts)
-    return refs + qa_prompt(question)
+def rag_context(texts: Sequence[str]) -> str:
+    """The retrieved references' text as RAG places it before the prompt."""
+    return "".join(f"Reference: {t.strip()}\n" for t in texts)
 
 
 # ------------------------------------------------------------------------------------------------ banks
@@ -68,12 +68,12 @@ def collect_documents(sources: Sequence[str], warn: Callable[[str], None]) -> li
 
 
 def build_or_add(model, bank_path, sources: Sequence[str], quant: str = "int8", create: bool = True,
-                 warn: Callable[[str], None] = print, progress=None) -> dict:
+                 warn: Callable[[str], None] = print, progress: Callable[[dict, int], None] | None = None) -> dict:
     """Encode the documents of `sources` into the bank at `bank_path` (created if `create`).
 
     A new bank takes its IDF from all the references of this first build; later adds reuse it so that old
     and new vectors stay comparable. Documents already present (same content hash) are skipped, so
-    rerunning an interrupted build resumes it.
+    rerunning an interrupted build resumes it. `progress(stats, total_references)` is called as it goes.
     """
     cfg = model.config
     docs = collect_documents(sources, warn)
@@ -89,22 +89,24 @@ def build_or_add(model, bank_path, sources: Sequence[str], quant: str = "int8", 
         mem_shape = (len(cfg.memory_layer_ids), cfg.n_kv_heads, cfg.memory_tokens_per_head, cfg.hd)
         bank = Bank.create(bank_path, model.fingerprint, mem_shape, quant=quant, embed_dim=cfg.dim,
                            meta={"n_layers": cfg.n_layers, "model": cfg.name, "embedder": "idf-mean-v1"})
+    dead = set(int(i) for i in bank._deleted_docs)
+    present = {d["sha256"] for i, d in enumerate(bank.docs) if i not in dead}
+    todo = [d for d in docs if d.sha256 not in present]
+    chunks = [[r.ids[1:] for r in chunk_document(d, tok, cfg.reference_max_tokens)] for d in todo]
+    total = sum(len(c) for c in chunks)
     if bank.get_array(IDF_ARRAY) is None:
-        refs = [r.ids[1:] for d in docs for r in chunk_document(d, tok, cfg.reference_max_tokens)]
+        refs = [ids for c in chunks for ids in c]
         bank.put_array(IDF_ARRAY, idf_from_counts(document_frequencies(refs, cfg.vocab_size), len(refs)))
     embed = bank_embedder(model, bank)
     eng = model.engine("numba")
+    cb = (lambda st: progress(st, total)) if progress is not None else None
     with model._guard():
-        stats = bank.add(docs, eng.encode_references, embed, tok, max_tokens=cfg.reference_max_tokens,
-                         progress=progress)
+        stats = bank.add(todo, eng.encode_references, embed, tok, max_tokens=cfg.reference_max_tokens,
+                         progress=cb)
+    stats["skipped"] += len(docs) - len(todo)
+    stats["documents"] = len(docs)
     stats["bank"] = str(bank.path)
     return stats
-
-
-def total_references(model, sources: Sequence[str]) -> int:
-    tok = model.tokenizer
-    return sum(len(chunk_document(d, tok, model.config.reference_max_tokens))
-               for d in collect_documents(sources, lambda m: None))
 
 
 # ------------------------------------------------------------------------------------------------ at run time
@@ -113,7 +115,7 @@ def total_references(model, sources: Sequence[str]) -> int:
 class Hit:
     id: int
     score: float
-    attention: float = 0.0  # share of the answer's attention at memory layers
+    mass: float = 0.0  # attention the generated tokens paid to this memory at the memory layers
 
 
 @dataclass
@@ -126,6 +128,7 @@ class MemorySession:
     top_k: int | None = None
     cache: MemoryCache | None = None
     retrieval_s: float = 0.0
+    attention_total: float = 0.0  # all attention mass at memory layers while memories were installed
     hits: dict[int, Hit] = field(default_factory=dict)  # every reference used, in order of first use
     _segments: list[tuple[int, int, int]] = field(default_factory=list)  # (ref id, first slot, end slot)
 
@@ -134,6 +137,11 @@ class MemorySession:
         self.k = self.top_k or self.model.config.retrieval_top_k
         if self.cache is None:
             self.cache = MemoryCache(self.bank)
+        # one-time costs (index load, compiled encoder) at open, not in the first answer's latency
+        if self.bank.live_count:
+            self.bank.search(np.ones(self.bank.embed_dim, np.float32), 1)
+        if self.mode == "memory":
+            self.model.engine("numba").ref_kv()
 
     def retrieve(self, token_ids: Sequence[int]) -> list[tuple[int, float]]:
         t0 = time.perf_counter()
@@ -174,7 +182,6 @@ class MemorySession:
                 slot += c
             engine.set_prefix(layer, np.concatenate(ks, axis=1), np.concatenate(vs, axis=1))
         self._segments = segs
-        engine.reset_prefix_attention()
         self.retrieval_s += time.perf_counter() - t0
 
     def collect_attention(self, engine) -> None:
@@ -182,11 +189,15 @@ class MemorySession:
         mass = engine.prefix_attention()  # [m] over the installed prefix slots, summed over layers/heads/steps
         if mass is None or not self._segments:
             return
-        total = engine.prefix_attention_total()
-        if total <= 0:
-            return
+        self.attention_total += engine.prefix_attention_total()
         for rid, a, b in self._segments:
-            self.hits[rid].attention += float(mass[a:b].sum()) / total
+            self.hits[rid].mass += float(mass[a:b].sum())
+        engine.reset_prefix_attention()
+
+    def finish(self, engine) -> None:
+        """Call after generation: takes in the attention of the last memories installed."""
+        if self.mode == "memory":
+            self.collect_attention(engine)
 
     def references(self, attention: bool = True) -> list[dict]:
         out = []
@@ -194,6 +205,6 @@ class MemorySession:
             r = self.bank.reference(h.id)
             r["score"] = round(h.score, 4)
             if attention and self.mode == "memory":
-                r["attention"] = round(h.attention, 4)
+                r["attention"] = round(h.mass / self.attention_total, 4) if self.attention_total > 0 else 0.0
             out.append(r)
         return out

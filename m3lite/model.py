@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from .config import ModelConfig
 from .errors import BadArgument, BusyError
+from .kernels.sampling import sample
 from .generate import GenerationResult, SamplingParams, stream as _stream
 from .modelfile import ModelFiles
 from .tokenizer import Tokenizer
@@ -49,11 +51,20 @@ class Model:
             if backend == "numba":
                 from .engine import Engine
 
-                self._engines[backend] = Engine(self.config, self.files.weights, n_threads=self.n_threads)
+                c = self.config
+                self._engines[backend] = Engine(c, self.files.weights, n_threads=self.n_threads,
+                                                prefix_capacity=1 + c.retrieval_top_k * c.memory_tokens_per_head)
             else:
                 from .ort_backend import OrtEngine
 
                 self._engines[backend] = OrtEngine(self.config, self.files.onnx_path, n_threads=self.n_threads)
+            eng = self._engines[backend]
+            # load the compiled code (numba's cache) now, so the first answer's latency is the model's own
+            bos = self.tokenizer.bos_id
+            logits = eng.prefill([bos])
+            eng.decode(bos)
+            eng.reset()
+            sample(logits, 0.8, 40, 0.95, 1.1, np.zeros(1, np.int64), 1, 0.5)
         return self._engines[backend]
 
     def _ids(self, token_ids) -> np.ndarray:
@@ -78,8 +89,12 @@ class Model:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.1, seed: int | None = None,
                  stop: Sequence[str] | None = None, stream: bool = False, backend: str = "numba",
-                 cancel=None) -> str | Iterator[str]:
+                 cancel=None, bank=None, mode: str | None = None) -> str | Iterator[str]:
         """Generate a continuation of `prompt` (text, or token ids used as given).
+
+        With a `bank` (an `m3lite.Bank` or its path), `mode` is "memory" (default: retrieved explicit memories
+        are attended at the memory layers), "rag" (the same references' text goes before the prompt) or
+        "none"; `last_result.references` lists the references used.
 
         stream=False returns the text; stream=True returns an iterator of text pieces. After the call (or the
         iteration) `model.last_result` holds tokens, finish reason and timings. `cancel` is an optional
@@ -90,20 +105,86 @@ class Model:
         params.validate()
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(self._ids(prompt))
         self.engine(backend)  # fail early on a bad backend name
-        it = self._run(ids, params, backend, cancel)
+        session = self.memory_session(bank, mode, backend)
+        it = self._run(ids, params, backend, cancel, session)
         if stream:
             return it
         for _ in it:
             pass
         return self.last_result.text
 
-    def _run(self, ids, params, backend, cancel) -> Iterator[str]:
+    def memory_session(self, bank, mode: str | None, backend: str = "numba"):
+        """A MemorySession for `bank` in `mode`, or None for the plain model."""
+        from .memory import MemorySession, check_mode, open_bank
+
+        mode = check_mode(mode or ("memory" if bank is not None else "none"))
+        if mode == "none":
+            return None
+        if bank is None:
+            raise BadArgument(f"mode {mode!r} needs a bank: pass bank=... (or use mode='none')")
+        if mode == "memory" and backend != "numba":
+            raise BadArgument("memory mode runs on the numba backend only (the ONNX graph has no memory inputs)")
+        from .bank import Bank
+
+        if not isinstance(bank, Bank):
+            bank = open_bank(bank, self)
+        elif bank.fingerprint != self.fingerprint:
+            from .bank import FingerprintError
+
+            raise FingerprintError(f"bank {bank.path} was built for another model (fingerprint {bank.fingerprint}, "
+                                   f"this model is {self.fingerprint}): rebuild the bank with this model")
+        return MemorySession(self, bank, mode=mode)
+
+    def _rag_ids(self, ids: list[int], session, max_new_tokens: int, notes: list[str]) -> list[int]:
+        """Place the retrieved references' text before the prompt, as many as fit the context (best first)."""
+        from .memory import rag_context
+
+        tok = self.tokenizer
+        found = session.retrieve(ids[:self.config.retrieval_interval])
+        body = ids[1:] if ids and ids[0] == tok.bos_id else ids
+        budget = self.config.max_seq_len - 1 - len(body) - max(1, max_new_tokens)
+        texts: list[str] = []
+        refs: list[int] = []
+        for n, (i, _) in enumerate(found):
+            cand = tok.encode(rag_context(texts + [session.bank.reference(i)["text"]]))
+            if len(cand) > budget:
+                notes.append(f"rag: {len(found) - n} of {len(found)} references left out: the context holds "
+                             f"{self.config.max_seq_len} tokens")
+                for j, _ in found[n:]:
+                    session.hits.pop(j, None)
+                break
+            texts.append(session.bank.reference(i)["text"])
+            refs = cand
+        return [tok.bos_id] + refs + list(body)
+
+    def _run(self, ids, params, backend, cancel, session=None) -> Iterator[str]:
         with self._guard():
             eng = self.engine(backend)
             eng.reset()
             result = GenerationResult()
             self.last_result = result
-            yield from _stream(eng, self.tokenizer, ids, params, result, cancel=cancel)
+            memory = None
+            eng.pos_offset = 0
+            if session is not None:
+                result.mode = session.mode
+                t0 = time.perf_counter()
+                if session.mode == "rag":
+                    ids = self._rag_ids(ids, session, params.max_new_tokens, result.notes)
+                else:
+                    memory = session
+                    eng.pos_offset = self.config.reference_max_tokens
+                    eng.reset_prefix_attention()
+                t_rag = time.perf_counter() - t0
+            try:
+                yield from _stream(eng, self.tokenizer, ids, params, result, cancel=cancel, memory=memory)
+            finally:
+                if session is not None:
+                    if memory is not None:
+                        session.finish(eng)
+                    else:  # rag: retrieval happens before the prefill; count it in time to first token
+                        result.ttft_s += t_rag
+                    result.retrieval_s = session.retrieval_s
+                    result.references = session.references()
 
     def _guard(self):
         model = self

@@ -16,10 +16,14 @@ N_SPECIAL = 5  # ids 0..4: <unk> <s> </s> <pad> <ref>
 
 
 def idf_from_counts(df: np.ndarray, n_docs: int) -> np.ndarray:
-    """BM25 IDF from document frequencies: log(1 + (N - df + 0.5) / (df + 0.5)); specials get 0."""
+    """BM25 IDF from document frequencies: log(1 + (N - df + 0.5) / (df + 0.5)).
+
+    Specials and tokens absent from every reference get 0: they cannot match anything in the bank, and with
+    the highest IDF they would drown a query (a prompt template's words, say) in noise."""
     df = np.asarray(df, np.float64)
     idf = np.log1p((n_docs - df + 0.5) / (df + 0.5)).astype(np.float32)
     idf[:N_SPECIAL] = 0.0
+    idf[df == 0] = 0.0
     return idf
 
 

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 
 from m3lite.errors import BadArgument
-from m3lite.kernels import (attention_decode, attention_prefill, dot, matvec, matvec_acc, matvec_qkv,
-                            matvec_swiglu, rmsnorm, rmsnorm_rows, rope, rope_rows, rope_tables, sample,
-                            silu_mul)
+from m3lite.kernels import (accumulate_prefix_attention, attention_decode, attention_prefill, dot, matvec,
+                            matvec_acc, matvec_qkv, matvec_swiglu, reference_attention, rmsnorm, rmsnorm_rows,
+                            rope, rope_rows, rope_rows_at, rope_tables, sample, select_tokens,
+                            selection_scores, silu_mul)
 
 RNG = np.random.default_rng(0)
 
@@ -108,10 +109,18 @@ def test_silu_mul():
     ref = silu64(a) * b
     silu_mul(a, b, a)
     np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-6)
-    big = np.array([[-200.0, 200.0, 0.0]], np.float32)  # no overflow to nan
+    big = np.array([[-200.0, 200.0, 0.0, -88.0, 88.0]], np.float32)  # no overflow to nan
     out = np.empty_like(big)
     silu_mul(big, np.ones_like(big), out)
-    np.testing.assert_allclose(out, [[0.0, 200.0, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(out, [[0.0, 200.0, 0.0, 0.0, 88.0]], atol=1e-6)
+    # more rows than one parallel block (16), written over either input
+    a, b = randn(37, 70, scale=6), randn(37, 70)
+    ref = silu64(a) * b
+    for out_is in ("a", "b", "new"):
+        a2, b2 = a.copy(), b.copy()
+        out = {"a": a2, "b": b2, "new": np.empty_like(a)}[out_is]
+        silu_mul(a2, b2, out)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
 def attention64(q, k, v, visible, n_rep):
@@ -133,13 +142,27 @@ def test_attention_decode(n_heads, n_kv):
     q = randn(n_heads * hd)
     att = np.zeros((n_heads, cap), np.float32)
     out = np.empty(n_heads * hd, np.float32)
+    totals = np.empty(n_heads, np.float32)
     starts, end = np.arange(n_kv, dtype=np.int64) + 3, 15  # each kv head has its own first slot
-    attention_decode(q, kc, vc, starts, end, n_heads // n_kv, 1 / np.sqrt(hd), att, out)
+    attention_decode(q, kc, vc, starts, end, n_heads // n_kv, 1 / np.sqrt(hd), att, out, totals)
     vis = np.zeros((n_kv, cap), bool)
     for g in range(n_kv):
         vis[g, starts[g]:end] = True
     np.testing.assert_allclose(out, attention64(q.reshape(n_heads, hd), kc, vc, vis, n_heads // n_kv),
                                atol=1e-5)
+    # att / totals are the softmax weights the heads used
+    for h in range(n_heads):
+        g = h // (n_heads // n_kv)
+        p = softmax64(kc[g, starts[g]:end].astype(np.float64) @ q[h * hd:(h + 1) * hd] / np.sqrt(hd))
+        np.testing.assert_allclose(att[h, starts[g]:end] / totals[h], p, rtol=1e-5, atol=1e-7)
+    # accumulate_prefix_attention adds those weights on the prefix slots [starts[g], prefix_end)
+    mass = np.full(cap, 0.5)
+    accumulate_prefix_attention(att, totals, starts, 9, n_heads // n_kv, mass)
+    want = np.full(cap, 0.5)
+    for h in range(n_heads):
+        g = h // (n_heads // n_kv)
+        want[starts[g]:9] += att[h, starts[g]:9] / totals[h]
+    np.testing.assert_allclose(mass, want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 1), (6, 2)])
@@ -158,6 +181,77 @@ def test_attention_prefill(n_heads, n_kv):
             vis[g, starts[g]:slot0 + i + 1] = True
         np.testing.assert_allclose(out[i], attention64(q[i].reshape(n_heads, hd), kc, vc, vis, n_heads // n_kv),
                                    atol=1e-5)
+
+
+# ---- explicit memory: reference encoding ---------------------------------------------------------------
+
+def pack(lengths, width, scale=1.0):
+    return randn(int(sum(lengths)), width, scale=scale)
+
+
+def test_rope_rows_at():
+    hd, n = 8, 6
+    cos, sin = rope_tables(hd, 100.0, 20)
+    x = randn(n, 3 * hd)
+    pos = np.array([5, 0, 19, 3, 3, 7])
+    want = x.copy()
+    for i in range(n):
+        rope(want[i], hd, cos[pos[i]], sin[pos[i]])
+    rope_rows_at(x, hd, cos, sin, pos)
+    np.testing.assert_array_equal(x, want)
+
+
+@pytest.mark.parametrize("n_heads,n_kv,lengths", [(4, 4, [5, 1, 7]), (4, 2, [7, 7]), (6, 2, [2, 9, 4, 9])])
+def test_reference_attention(n_heads, n_kv, lengths):
+    hd, n_rep = 8, n_heads // n_kv
+    q, k, v = pack(lengths, n_heads * hd), pack(lengths, n_kv * hd), pack(lengths, n_kv * hd)
+    out = np.full_like(q, np.nan)
+    reference_attention(q, k, v, np.array(lengths), hd, 1 / np.sqrt(hd), out)
+    r0 = 0
+    for n in lengths:  # each reference alone, causal
+        for i in range(n):
+            vis = np.zeros((n_kv, n), bool)
+            vis[:, :i + 1] = True
+            kk = k[r0:r0 + n].reshape(n, n_kv, hd).transpose(1, 0, 2)
+            vv = v[r0:r0 + n].reshape(n, n_kv, hd).transpose(1, 0, 2)
+            np.testing.assert_allclose(out[r0 + i], attention64(q[r0 + i].reshape(n_heads, hd), kk, vv, vis, n_rep),
+                                       atol=1e-5)
+        r0 += n
+
+
+@pytest.mark.parametrize("n_heads,n_kv,lengths", [(4, 4, [5, 1, 7]), (4, 2, [7, 7]), (6, 2, [2, 9, 4, 9])])
+def test_selection_scores(n_heads, n_kv, lengths):
+    hd, n_rep = 8, n_heads // n_kv
+    q, k = pack(lengths, n_heads * hd, 2.0), pack(lengths, n_kv * hd, 2.0)
+    got = selection_scores(q, k, np.array(lengths), hd, 1 / np.sqrt(hd))
+    T = max(lengths)
+    assert got.shape == (len(lengths), n_kv, T) and got.dtype == np.float64
+    r0 = 0
+    for b, n in enumerate(lengths):
+        want = np.full((n_kv, T), -np.inf)
+        want[:, 1:n] = 0.0
+        for h in range(n_heads):
+            g = h // n_rep
+            for i in range(1, n):  # text queries, text keys, no causal mask
+                s = k[r0 + 1:r0 + n, g * hd:(g + 1) * hd].astype(np.float64) @ q[r0 + i, h * hd:(h + 1) * hd]
+                want[g, 1:n] += softmax64(s / np.sqrt(hd))
+        np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-6)
+        r0 += n
+
+
+def test_select_tokens():
+    K = 3
+    s = np.full((3, 2, 6), -np.inf)
+    s[0, 0, 1:6] = [0.5, 2.0, 0.5, 3.0, 0.5]  # ties at 0.5: the lower positions win
+    s[0, 1, 1:6] = [1.0, 1.0, 1.0, 1.0, 1.0]
+    s[1, :, 1:3] = [[1.0, 2.0], [2.0, 1.0]]  # 2 text tokens < K
+    lengths = np.array([6, 3, 1])  # the last reference is <ref> alone
+    pos, cnt = select_tokens(s, lengths, K)
+    assert pos.dtype == np.int32 and pos.shape == (3, 2, K)
+    assert cnt.tolist() == [3, 2, 0]
+    assert pos[0, 0].tolist() == [1, 2, 4] and pos[0, 1].tolist() == [1, 2, 3]
+    assert pos[1].tolist() == [[1, 2, 0], [1, 2, 0]]
+    assert pos[2].tolist() == [[0, 0, 0], [0, 0, 0]]
 
 
 # ---- sampling --------------------------------------------------------------------------------------------

@@ -7,50 +7,18 @@ and every memory key is visible to every query, while causality only concerns co
 Query head h reads kv head h // n_rep.
 """
 import numpy as np
-from llvmlite import ir
-from numba import float32, njit, prange, types
-from numba.extending import intrinsic
+from numba import float32, njit, prange
 
+from .expf import exp_softmax  # noqa: F401 (re-exported: m3lite.kernels.attention.exp_softmax)
 from .matmul import FASTMATH, dot
-
-
-@intrinsic
-def _f32_from_bits(typingctx, x):
-    """Reinterpret the low 32 bits of an integer as a float32 (a free bitcast that LLVM can vectorize)."""
-    if not isinstance(x, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = builder.trunc(args[0], ir.IntType(32)) if x.bitwidth > 32 else args[0]
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(x), codegen
-
-
-@njit(fastmath=FASTMATH, cache=True, error_model="numpy", inline="always")
-def exp_softmax(x):
-    """exp(x) in fp32 for x <= 0 (softmax after subtracting the max), within 1e-7 relative of exact.
-
-    libm's expf is a scalar call that LLVM cannot vectorize and was a third of the attention time; this is the
-    classic Cephes expf (range reduction to r in [-ln2/2, ln2/2], degree-6 polynomial, 2^n via the exponent
-    bits). Inputs below -87 give ~1e-38 instead of a denormal: nothing next to the max term's 1.
-    """
-    x = max(x, float32(-87.0))
-    n = np.floor(x * float32(1.4426950408889634) + float32(0.5))
-    r = x - n * float32(0.693359375) + n * float32(2.12194440e-4)
-    p = float32(1.9875691500e-4)
-    p = p * r + float32(1.3981999507e-3)
-    p = p * r + float32(8.3334519073e-3)
-    p = p * r + float32(4.1665795894e-2)
-    p = p * r + float32(1.6666665459e-1)
-    p = p * r + float32(5.0000001201e-1)
-    p = p * r * r + r + float32(1.0)
-    return p * _f32_from_bits((np.int32(n) + 127) << 23)
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def _attend(q, kc, vc, start, end, scale, att, out):
-    """One query vector q [hd] against keys/values kc/vc [capacity, hd] in slots [start, end); writes out [hd]."""
+    """One query vector q [hd] against keys/values kc/vc [capacity, hd] in slots [start, end); writes out [hd].
+
+    Leaves the unnormalised softmax terms exp(s_t - max) in att[start:end] and returns their sum, so the
+    attention weights are att[t] / total."""
     hd = q.shape[0]
     sc = float32(scale)
     # scores, 4 keys per pass over q
@@ -112,22 +80,25 @@ def _attend(q, kc, vc, start, end, scale, att, out):
     inv = float32(1.0) / total
     for i in range(hd):
         out[i] *= inv
+    return total
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
-def attention_decode(q, k_cache, v_cache, starts, end, n_rep, scale, att, out):
+def attention_decode(q, k_cache, v_cache, starts, end, n_rep, scale, att, out, totals):
     """One token: q [n_heads*hd] attends to slots [starts[g], end) of k_cache/v_cache [n_kv, capacity, hd]
     at kv head g (starts: int64 [n_kv]).
 
-    att [n_heads, capacity] is scratch; out [n_heads*hd] receives the concatenated heads.
+    out [n_heads*hd] receives the concatenated heads. att [n_heads, capacity] is scratch that keeps, for
+    slots [starts[h // n_rep], end), the unnormalised softmax terms, and totals [n_heads] (float32) their
+    sums: head h's attention weight on slot t is att[h, t] / totals[h] (memory-attention tracking reads them).
     """
     hd = k_cache.shape[2]
     # prange splits the heads into contiguous runs per thread, so the n_rep query heads of a kv head mostly
     # run one after the other on the same thread and find its keys/values in cache
     for h in prange(q.shape[0] // hd):
         kv = h // n_rep
-        _attend(q[h * hd:(h + 1) * hd], k_cache[kv], v_cache[kv], starts[kv], end, scale, att[h],
-                out[h * hd:(h + 1) * hd])
+        totals[h] = _attend(q[h * hd:(h + 1) * hd], k_cache[kv], v_cache[kv], starts[kv], end, scale, att[h],
+                            out[h * hd:(h + 1) * hd])
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")

@@ -1,0 +1,134 @@
+"""Explicit memory end to end through the CLI: bank build/add/info/search/remove and ask in three modes."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import m3lite
+from m3lite.bank import Bank, FingerprintError
+
+NOTES = {
+    "volcano.md": "# Volcanoes\n\nA volcano is a rupture in the crust of a planet. Lava, ash and gases escape "
+                  "from a magma chamber below the surface.\n\nMount Etna is an active volcano in Sicily.",
+    "bread.txt": "Bread is a staple food prepared from a dough of flour and water, usually by baking. "
+                 "Yeast makes the dough rise.",
+    "sub/rivers.md": "The Nile is a major river in north-eastern Africa. It flows into the Mediterranean Sea.",
+    "cats.jsonl": json.dumps({"id": "c1", "title": "Cats", "text": "The cat is a small domesticated carnivorous "
+                                                                   "mammal. Cats purr."}) + "\n",
+}
+
+
+def run(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "m3lite", *map(str, args)], capture_output=True, text=True,
+                       timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def notes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("notes")
+    for name, text in NOTES.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+    return d
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model_dir, notes, tmp_path_factory):
+    model = tiny_model_dir()
+    bank = tmp_path_factory.mktemp("b") / "bank"
+    out = json.loads(run("bank", "build", notes, "--out", bank, "--model", model, "--json").stdout)
+    assert out["added"] >= 4 and out["count"] == out["added"]
+    return model, bank
+
+
+def test_info_and_search(built):
+    model, bank = built
+    info = json.loads(run("bank", "info", bank, "--json").stdout)
+    assert info["references"] >= 4 and info["quantization"] == "int8"
+    assert info["fingerprint"] == m3lite.load(model).fingerprint
+    assert info["compression_vs_fp32_kv_all_layers"] > 1
+    hits = json.loads(run("bank", "search", bank, "Mount Etna volcano lava", "--model", model, "--json",
+                          "--k", "2").stdout)
+    assert len(hits) == 2 and "volcano" in hits[0]["doc_id"]
+    assert hits[0]["score"] >= hits[1]["score"]
+
+
+@pytest.mark.parametrize("mode", ["memory", "rag", "none"])
+def test_ask_modes(built, mode):
+    model, bank = built
+    out = json.loads(run("ask", "What is a volcano?", "--model", model, "--bank", bank, "--mode", mode,
+                         "--max-tokens", "8", "--json").stdout)
+    assert set(out) >= {"answer", "references", "timings"}
+    assert set(out["timings"]) == {"retrieval_ms", "ttft_ms", "prefill_tokens_per_s", "decode_tokens_per_s"}
+    if mode == "none":
+        assert out["references"] == []
+    else:
+        refs = out["references"]
+        assert refs and all({"id", "source", "title", "text", "score"} <= set(r) for r in refs)
+        assert "volcano" in refs[0]["doc_id"]
+        if mode == "memory":
+            assert all(0 <= r["attention"] <= 1 for r in refs)
+            assert sum(r["attention"] for r in refs) > 0
+
+
+def test_ask_streams_and_lists_sources(built):
+    model, bank = built
+    p = run("ask", "Where does the Nile flow?", "--model", model, "--bank", bank, "--max-tokens", "6")
+    assert "Sources:" in p.stdout and "[1]" in p.stdout
+
+
+def test_add_skips_present_and_remove(built, notes, tmp_path):
+    model, bank = built
+    copy = tmp_path / "bank"
+    shutil.copytree(bank, copy)
+    before = Bank.open(copy).count
+    again = json.loads(run("bank", "add", copy, notes, "--model", model, "--json").stdout)
+    assert again["added"] == 0 and again["skipped"] == len(NOTES)
+    (tmp_path / "new.txt").write_text("Photosynthesis turns light into chemical energy in plants.")
+    more = json.loads(run("bank", "add", copy, tmp_path / "new.txt", "--model", model, "--json").stdout)
+    assert more["added"] == 1 and Bank.open(copy).count == before + 1
+    rm = json.loads(run("bank", "remove", copy, "--source", str(tmp_path / "new.txt"), "--json").stdout)
+    assert rm["documents"] == 1
+    assert Bank.open(copy).live_count == before
+
+
+def test_foreign_model_refused(built, tiny_model_dir):
+    _, bank = built
+    other = tiny_model_dir(seed=1)
+    p = run("ask", "volcano?", "--model", other, "--bank", bank, check=False)
+    assert p.returncode == 2 and "another model" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    with pytest.raises(FingerprintError):
+        m3lite.load(other).generate("x", bank=Bank.open(bank), max_new_tokens=1)
+
+
+def test_bad_sources(tiny_model_dir, tmp_path):
+    model = tiny_model_dir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("")
+    (empty / "blob.txt").write_bytes(b"\x00\x01\x02binary")
+    p = run("bank", "build", empty, "--out", tmp_path / "bank", "--model", model, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "blank.txt" in p.stderr and "blob.txt" in p.stderr
+    p = run("bank", "build", tmp_path / "nope", "--out", tmp_path / "bank2", "--model", model, check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_api_generate_with_bank(built):
+    model_dir, bank = built
+    m = m3lite.load(model_dir)
+    b = m3lite.Bank.open(bank)
+    text = m.generate("Question: What is bread?\nAnswer:", bank=b, mode="memory", max_new_tokens=4,
+                      temperature=0)
+    assert isinstance(text, str) and m.last_result.references
+    with pytest.raises(m3lite.M3Error):
+        m.generate("x", bank=b, mode="memory", backend="onnxruntime")
+    with pytest.raises(m3lite.M3Error):
+        m.generate("x", mode="rag")
