@@ -534,7 +534,7 @@ class Engine:
             li = slot_of.get(l)
             if li is not None:
                 if select:
-                    chosen, cnt = select_tokens(selection_scores(q, k, lengths, hd, self.scale), lengths, K)
+                    chosen, cnt = select_tokens(selection_scores(q, k, lengths, hd, self.scale, xb), lengths, K)
                 else:
                     chosen, cnt = np.zeros((B, G, K), np.int32), np.ones(B, np.int32)
             rope_rows_at(k, hd, self.cos, self.sin, pos)

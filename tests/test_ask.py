@@ -132,3 +132,81 @@ def test_api_generate_with_bank(built):
         m.generate("x", bank=b, mode="memory", backend="onnxruntime")
     with pytest.raises(m3lite.M3Error):
         m.generate("x", mode="rag")
+
+
+def one_line_error(p):
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    return lines[0]
+
+
+def test_damaged_banks_refused_in_one_line(built, tmp_path):
+    model, bank = built
+    trunc = tmp_path / "trunc"
+    shutil.copytree(bank, trunc)
+    mem = trunc / "memories.bin"
+    mem.write_bytes(mem.read_bytes()[:-10])
+    assert "truncated" in one_line_error(run("bank", "info", trunc, check=False))
+    assert "truncated" in one_line_error(run("ask", "volcano?", "--model", model, "--bank", trunc, check=False))
+    altered = tmp_path / "altered"
+    shutil.copytree(bank, altered)
+    man = json.loads((altered / "manifest.json").read_text())
+    man["count"] += 1
+    (altered / "manifest.json").write_text(json.dumps(man))
+    one_line_error(run("bank", "info", altered, check=False))
+    (altered / "manifest.json").write_text("{ not json")
+    one_line_error(run("bank", "info", altered, check=False))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text(json.dumps({"format": "something"}))
+    one_line_error(run("bank", "search", foreign, "x", "--model", model, check=False))
+    one_line_error(run("bank", "info", tmp_path / "missing", check=False))
+
+
+def test_one_megabyte_single_line(tiny_model_dir, tmp_path):
+    words = ("alpha beta gamma delta epsilon zeta eta theta " * 30000)[: 1 << 20]
+    (tmp_path / "big.txt").write_text(words)
+    out = json.loads(run("bank", "build", tmp_path / "big.txt", "--out", tmp_path / "bank", "--model",
+                         tiny_model_dir(), "--json").stdout)
+    assert out["added"] > 1000
+
+
+def test_killed_bank_add_keeps_last_commit_and_resumes(tiny_model_dir, tmp_path):
+    """SIGKILL a real `m3lite bank add` at random moments: the bank always opens at a commit and verifies."""
+    import os
+    import random
+    import signal
+    import time
+
+    model = tiny_model_dir()
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "seed.txt").write_text("The first document of the bank.")
+    bank = tmp_path / "bank"
+    run("bank", "build", base, "--out", bank, "--model", model)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    rng = random.Random(0)
+    words = "river mountain city music science history planet language animal energy".split()
+    for i in range(600):
+        (docs / f"d{i:04d}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)) + f" doc {i}.")
+    counts = [Bank.open(bank).count]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for trial in range(4):
+        p = subprocess.Popen([sys.executable, "-m", "m3lite", "bank", "add", str(bank), str(docs), "--model",
+                              str(model)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(rng.uniform(1.5, 5.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        b = Bank.open(bank)
+        b.verify()
+        assert b.count >= counts[-1]
+        counts.append(b.count)
+    assert len(Bank.open(bank).docs) < 601  # the kills did interrupt the add
+    run("bank", "add", bank, docs, "--model", model)
+    b = Bank.open(bank)
+    b.verify()
+    assert len(b.docs) == 601
+    assert len({d["sha256"] for d in b.docs}) == 601

@@ -472,6 +472,22 @@ def test_encode_references_matches_numpy(enc_model):
         assert not keys[b][:, :, wc:].any() and not values[b][:, :, wc:].any()
 
 
+def test_encode_references_repeated_token_ties_go_to_lower_positions(enc_model):
+    """At layer 0 a key depends on its token alone: repeated tokens tie exactly, the lower positions win."""
+    cfg, w = enc_model
+    K = cfg.memory_tokens_per_head
+    e = Engine(cfg, w)
+    for _ in range(2):  # also with the copies in several GEMM tiles
+        _, _, positions, counts = e.encode_references([[4] + [20] * 15, [4] + [9, 20] * 9 + [20]])
+        assert (positions[0, 0] == np.arange(1, K + 1)).all()
+        # reference 1 alternates two tokens: each kept token of a kind is its lowest-position copy(ies)
+        for g in range(cfg.n_kv_heads):
+            kept = positions[1, 0, g].tolist()
+            odd = [p for p in kept if p % 2 == 1]
+            even = [p for p in kept if p % 2 == 0]
+            assert odd == list(range(1, 2 * len(odd), 2)) and even == list(range(2, 2 * len(even) + 1, 2))
+
+
 def test_encode_references_blocks_and_batches(enc_model, monkeypatch):
     """Packing several references per block, or one block per reference, or one call per reference: same."""
     import m3lite.engine as engine_mod

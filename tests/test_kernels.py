@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from m3lite.errors import BadArgument
-from m3lite.kernels import (accumulate_prefix_attention, attention_decode, attention_prefill, dot, matvec,
+from m3lite.kernels import (accumulate_prefix_attention, attention_decode, first_copies, attention_prefill, dot, matvec,
                             matvec_acc, matvec_qkv, matvec_swiglu, reference_attention, rmsnorm, rmsnorm_rows,
                             rope, rope_rows, rope_rows_at, rope_tables, sample, select_tokens,
                             selection_scores, silu_mul)
@@ -237,6 +237,27 @@ def test_selection_scores(n_heads, n_kv, lengths):
                 want[g, 1:n] += softmax64(s / np.sqrt(hd))
         np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-6)
         r0 += n
+
+
+def test_first_copies_make_exact_ties():
+    lengths = np.array([6, 4])
+    x = randn(10, 5)
+    x[2] = x[4] = x[1]  # reference 0: rows 1, 2, 4 equal
+    x[9] = x[7]  # reference 1: rows 1 and 3
+    x[6] = x[0]  # equal rows in different references are not copies
+    rep = np.full((2, 6), -1, np.int64)
+    first_copies(x, lengths, rep)
+    assert rep[0].tolist() == [0, 1, 1, 3, 1, 5] and rep[1, :4].tolist() == [0, 1, 2, 1]
+    # keys that differ by rounding only: with x, the copies' scores are bitwise those of the first copy
+    hd = 4
+    q, k = randn(10, 2 * hd), randn(10, hd)
+    for i, j in ((2, 1), (4, 1), (9, 7)):
+        k[i] = k[j] * np.float32(1 + 2 ** -20)
+    s = selection_scores(q, k, lengths, hd, 0.5, x)
+    assert s[0, 0, 2] == s[0, 0, 4] == s[0, 0, 1] and s[1, 0, 3] == s[1, 0, 1]
+    s0 = selection_scores(q, k, lengths, hd, 0.5)
+    assert s0[0, 0, 2] != s0[0, 0, 1]
+    np.testing.assert_allclose(s, s0, rtol=1e-5)
 
 
 def test_select_tokens():

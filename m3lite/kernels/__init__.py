@@ -6,15 +6,15 @@ reductions and use FMA (a ~8x speedup) while keeping IEEE NaN/inf semantics and 
 """
 from .attention import attention_decode, attention_prefill
 from .matmul import dot, matvec, matvec_acc, matvec_qkv, matvec_swiglu, silu_mul
-from .memory import (accumulate_prefix_attention, reference_attention, rope_rows_at, select_tokens,
-                     selection_scores, selection_softmax, softmax_causal_refs)
+from .memory import (accumulate_prefix_attention, first_copies, reference_attention, rope_rows_at,
+                     select_tokens, selection_scores, selection_softmax, softmax_causal_refs)
 from .norm import rmsnorm, rmsnorm_rows
 from .rope import rope, rope_rows, rope_tables
 from .sampling import sample, sample_kernel
 
 __all__ = [
     "attention_decode", "attention_prefill",
-    "accumulate_prefix_attention", "reference_attention", "rope_rows_at", "select_tokens", "selection_scores",
+    "accumulate_prefix_attention", "first_copies", "reference_attention", "rope_rows_at", "select_tokens", "selection_scores",
     "selection_softmax", "softmax_causal_refs",
     "dot", "matvec", "matvec_acc", "matvec_qkv", "matvec_swiglu", "silu_mul",
     "rmsnorm", "rmsnorm_rows",

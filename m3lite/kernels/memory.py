@@ -58,21 +58,42 @@ def softmax_causal_refs(s, lengths, scale):
                     row[j] = float32(0.0)
 
 
+@njit(parallel=True, cache=True, error_model="numpy")
+def first_copies(x, lengths, rep):
+    """rep [B, >= T] (int64): rep[b, j] is the first position j' <= j of reference b whose row of the packed
+    x [N, w] equals row j bit for bit (reference b: rows sum(lengths[:b]) ..)."""
+    B = lengths.shape[0]
+    starts = np.zeros(B, np.int64)
+    for b in range(1, B):
+        starts[b] = starts[b - 1] + lengths[b - 1]
+    w = x.shape[1]
+    for b in prange(B):
+        s0 = starts[b]
+        for j in range(lengths[b]):
+            rep[b, j] = j
+            for j2 in range(j):
+                d = 0
+                while d < w and x[s0 + j, d] == x[s0 + j2, d]:
+                    d += 1
+                if d == w:
+                    rep[b, j] = j2
+                    break
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
-def selection_softmax(s, k, lengths, scale, scores):
+def selection_softmax(s, rep, lengths, scale, scores):
     """Memory3 selection scores from raw scores s [B, n_kv, n_rep, T, T] (the pre-RoPE q.k of each query
-    head of group g and token i against key j of the same reference; overwritten) and the keys k
-    [B, T, n_kv*hd] they came from.
+    head of group g and token i against key j of the same reference; overwritten).
 
     scores [B, n_kv, T] (float64): for text tokens j (1 <= j < n = lengths[b]) the sum over r and text
     queries i (1 <= i < n) of softmax over j' in 1..n-1 of scale * s[b, g, r, i, j'], taken at j; -inf at j = 0
     and j >= n. Softmax in fp32, sums in float64.
 
-    Exact ties stay exact: a key equal to an earlier key of its head (a repeated token at layer 0, where keys
-    depend on the token alone) gets that key's score, bit for bit, so the tie goes to the lower position
-    as the definition says, not to whichever copy GEMM rounding happened to favour."""
+    rep [B, T] (from `first_copies` of the layer input): token j whose input equals that of an earlier token
+    rep[b, j] has the same key, hence mathematically the same score; it gets that score bit for bit, so the
+    exact tie goes to the lower position as the definition says, not to whichever copy GEMM rounding favoured
+    (repeated tokens at layer 0, where the input is the token's embedding alone)."""
     B, G, R, T = s.shape[0], s.shape[1], s.shape[2], s.shape[3]
-    hd = k.shape[2] // G
     sc = float32(scale)
     for it in prange(B * G):
         b = it // G
@@ -97,16 +118,9 @@ def selection_softmax(s, k, lengths, scale, scores):
                 inv = 1.0 / np.float64(total)
                 for j in range(1, n):
                     acc[j] += row[j] * inv
-        kb = k[b]
-        ko = g * hd
         for j in range(2, n):
-            for j2 in range(1, j):
-                d = 0
-                while d < hd and kb[j, ko + d] == kb[j2, ko + d]:
-                    d += 1
-                if d == hd:  # the first earlier copy of this key
-                    acc[j] = acc[j2]
-                    break
+            if rep[b, j] >= 1:
+                acc[j] = acc[rep[b, j]]
 
 
 def _padded(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -127,19 +141,18 @@ def _valid(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(lengths.max()))[None, :] < lengths[:, None]
 
 
-def _raw_scores(q: np.ndarray, k: np.ndarray, valid: np.ndarray, hd: int) -> tuple[np.ndarray, np.ndarray]:
+def _raw_scores(q: np.ndarray, k: np.ndarray, valid: np.ndarray, hd: int) -> np.ndarray:
     """q.k of every reference's query heads against its keys: s [B, n_kv, n_rep, T, T] (BLAS, one GEMM per
-    reference and query head; padding rows are zeros), and the padded keys [B, T, n_kv*hd]."""
+    reference and query head; padding rows are zeros)."""
     B, T = valid.shape
     G = k.shape[1] // hd
     R = q.shape[1] // k.shape[1]
     qp = _padded(q, valid).reshape(B, T, G, R, hd).transpose(0, 2, 3, 1, 4)  # [B, G, R, T, hd], a view
-    kp = _padded(k, valid)
-    kt = kp.reshape(B, T, G, hd).transpose(0, 2, 3, 1)[:, :, None]  # [B, G, 1, hd, T]
-    return np.matmul(qp, kt), kp
+    kt = _padded(k, valid).reshape(B, T, G, hd).transpose(0, 2, 3, 1)[:, :, None]  # [B, G, 1, hd, T]
+    return np.matmul(qp, kt)
 
 
-def selection_scores(q, k, lengths, hd, scale) -> np.ndarray:
+def selection_scores(q, k, lengths, hd, scale, x=None) -> np.ndarray:
     """Memory3 token-selection scores [B, n_kv, T] (float64, T = max(lengths)) of packed references from one
     layer's q [N, n_heads*hd] and k [N, n_kv*hd] taken BEFORE RoPE. For kv head g and text token j (1 <= j < n):
 
@@ -147,14 +160,20 @@ def selection_scores(q, k, lengths, hd, scale) -> np.ndarray:
         softmax over text tokens j' of (q[i, h] . k[j', g] * scale), taken at j' = j
 
     (no causal mask, no positional encoding; <ref> at row 0 is neither query nor key), -inf at j = 0 and
-    j >= n: `converters.model.memory_scores`. Dot products by BLAS GEMMs, softmax compiled (fp32); equal keys
-    get bitwise equal scores (see `selection_softmax`).
+    j >= n: `converters.model.memory_scores`. Dot products by BLAS GEMMs, softmax compiled (fp32).
+    x [N, w] (optional): the rows q and k were projected from; tokens with equal rows get bitwise equal
+    scores (exact ties, see `selection_softmax`).
     """
     lengths = np.asarray(lengths, np.int64)
     valid = _valid(lengths)
-    s, kp = _raw_scores(q, k, valid, hd)
-    scores = np.empty((len(lengths), k.shape[1] // hd, valid.shape[1]), np.float64)
-    selection_softmax(s, kp, lengths, scale, scores)
+    B, T = valid.shape
+    rep = np.empty((B, T), np.int64)
+    if x is None:
+        rep[:] = np.arange(T)
+    else:
+        first_copies(x, lengths, rep)
+    scores = np.empty((B, k.shape[1] // hd, T), np.float64)
+    selection_softmax(_raw_scores(q, k, valid, hd), rep, lengths, scale, scores)
     return scores
 
 
@@ -166,7 +185,7 @@ def reference_attention(q, k, v, lengths, hd, scale, out) -> None:
     valid = _valid(lengths)
     B, T = valid.shape
     G = k.shape[1] // hd
-    s = _raw_scores(q, k, valid, hd)[0]
+    s = _raw_scores(q, k, valid, hd)
     softmax_causal_refs(s, lengths, scale)
     vp = _padded(v, valid).reshape(B, T, G, hd).transpose(0, 2, 1, 3)[:, :, None]  # [B, G, 1, T, hd]
     o = np.matmul(s, vp)  # [B, G, R, T, hd]
