@@ -33,8 +33,8 @@ INT8_REL_BOUND = 0.015
 
 @pytest.fixture(scope="module", params=list(SHAPES))
 def model(request):
-    cfg = ModelConfig.preset("tiny", reference_max_tokens=REF_MAX, max_seq_len=256, name=request.param,
-                             **SHAPES[request.param])
+    cfg = ModelConfig.preset("tiny", reference_max_tokens=REF_MAX, max_seq_len=256, **SHAPES[request.param])
+    cfg.name = request.param
     m = Transformer(cfg, seed=3).eval()
     # at init scale attention is almost uniform and selection scores nearly tie; larger weights give them gaps
     with torch.no_grad():

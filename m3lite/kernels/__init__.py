@@ -1,6 +1,7 @@
 """Numba kernels: pure functions on arrays that write into caller-owned output buffers.
 
-No globals, no hidden caches: the engine owns every buffer, so a decode step allocates nothing.
+No globals, no hidden caches: the engine owns every buffer, so a decode step allocates nothing (the
+reference-encoding functions of `memory`, run in batches outside decoding, allocate per-call scratch).
 Dot products are compiled with `fastmath={"reassoc", "contract"}` only: that lets LLVM vectorize the
 reductions and use FMA (a ~8x speedup) while keeping IEEE NaN/inf semantics and accurate `exp`.
 """

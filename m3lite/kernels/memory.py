@@ -6,14 +6,14 @@ GEMMs over every token of the batch while attention stays within each reference.
 side by side (q [N, n_heads*hd], k/v [N, n_kv*hd]); query head h reads kv head h // n_rep.
 Attention inside the references pads them to [B, T] (T = the longest) and runs Q K^T and P V as BLAS GEMMs
 per reference and head, around compiled fp32 softmaxes: compute-bound work that BLAS does ~5x faster than
-compiled loops.
+compiled loops. These kernels run outside the decode loop and allocate their own (per-call) scratch.
 
 The math is the one of `converters.model.encode_memory`, `memory_scores` and `select_tokens`.
 """
 import numpy as np
 from numba import float32, njit, prange
 
-from .attention import exp_softmax
+from .expf import exp_softmax
 from .matmul import FASTMATH
 from .rope import rope
 
@@ -190,8 +190,8 @@ def reference_attention(q, k, v, lengths, hd, scale, out) -> None:
     vp = _padded(v, valid).reshape(B, T, G, hd).transpose(0, 2, 1, 3)[:, :, None]  # [B, G, 1, T, hd]
     o = np.matmul(s, vp)  # [B, G, R, T, hd]
     o = o.transpose(0, 3, 1, 2, 4)  # [B, T, G, R, hd]: token-major, heads side by side
-    if out.shape[0] == B * T:
-        out.reshape(B, T, G, -1, hd)[...] = o
+    if out.shape[0] == B * T and out.flags.c_contiguous:  # no padding: one copy, through a view of out
+        out.reshape(o.shape)[...] = o
     else:
         out[...] = o.reshape(B, T, q.shape[1])[valid]
 
