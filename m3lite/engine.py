@@ -25,7 +25,6 @@ Explicit memory (Memory3), besides `set_prefix`:
 from __future__ import annotations
 
 import math
-import os
 
 import numba
 import numpy as np
@@ -37,43 +36,11 @@ from .kernels import (accumulate_prefix_attention, attention_decode, attention_p
                       matvec_qkv, matvec_swiglu, reference_attention, rmsnorm, rmsnorm_rows, rope, rope_rows,
                       rope_rows_at, rope_tables, select_tokens, selection_scores, silu_mul)
 from .modelfile import tensor_shapes
+from .threads import default_threads
 
 PREFILL_CHUNK = 128  # tokens per prefill block: enough rows for efficient GEMMs, scratch stays small
 ENCODE_TOKENS = 2048  # tokens (of several references, packed) per encode block
 REF_ID = 4  # the <ref> token that starts every reference (converters.tokenizer.REF)
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads share a core and slow decode down)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = list(range(os.cpu_count() or 1))
-    cores = set()
-    for c in cpus:
-        base = f"/sys/devices/system/cpu/cpu{c}/topology/"
-        try:
-            with open(base + "core_id") as f1, open(base + "physical_package_id") as f2:
-                cores.add((f2.read().strip(), f1.read().strip()))
-        except OSError:
-            return max(1, len(cpus))
-    return max(1, len(cores))
-
-
-def default_threads(n_threads: int | None = None) -> int:
-    """n_threads, else $M3LITE_THREADS, else the number of physical cores; capped by numba's pool size."""
-    if n_threads is None:
-        env = os.environ.get("M3LITE_THREADS", "").strip()
-        if env:
-            try:
-                n_threads = int(env)
-            except ValueError:
-                raise BadArgument(f"M3LITE_THREADS must be a positive integer, got {env!r}") from None
-        else:
-            n_threads = physical_cores()
-    if int(n_threads) < 1:
-        raise BadArgument(f"the number of threads must be >= 1, got {n_threads}")
-    return min(int(n_threads), numba.config.NUMBA_NUM_THREADS)
 
 
 @njit(cache=True, error_model="numpy")

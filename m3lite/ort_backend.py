@@ -5,7 +5,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import BadArgument, ModelFileError
-from .threads import physical_cores
+from .threads import default_threads
 
 
 class OrtEngine:
@@ -13,7 +13,7 @@ class OrtEngine:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = n_threads or physical_cores()
+        so.intra_op_num_threads = default_threads(n_threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         try:

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from m3lite.config import ModelConfig
-from m3lite.engine import Engine, default_threads
+from m3lite.engine import Engine
+from m3lite.threads import default_threads
 from m3lite.errors import BadArgument
 from m3lite.modelfile import tensor_shapes
 
