@@ -14,7 +14,6 @@ Keys in past/present are stored after RoPE.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from m3lite.config import ModelConfig
 from m3lite.errors import BadArgument
-from m3lite.modelfile import (CONFIG_FILE, DATA_FILE, ONNX_FILE, TOKENIZER_FILE, fingerprint, sha256_file,
-                              write_manifest, write_weights)
+from m3lite.modelfile import (CONFIG_FILE, DATA_FILE, ONNX_FILE, TOKENIZER_FILE, atomic_write_bytes, fingerprint,
+                              sha256_file, write_manifest, write_weights)
 
 OPSET = 17
 LAYER_KINDS = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w3", "w2")
@@ -59,7 +58,7 @@ def export_stacked(cfg: ModelConfig, tensors: dict[str, np.ndarray], tokenizer_p
     for k, v in (("m3lite.config", cfg.to_json()), ("m3lite.fingerprint", fp)):
         graph.metadata_props.add(key=k, value=v)
     # Serialised directly: onnx.save could write external tensors out again; ours must point at the data file.
-    _atomic_write(out / ONNX_FILE, graph.SerializeToString())
+    atomic_write_bytes(out / ONNX_FILE, graph.SerializeToString())
     onnx.checker.check_model(str(out / ONNX_FILE))
 
     written = write_manifest(out, cfg, index)
@@ -81,32 +80,8 @@ def _check_tokenizer(path: Path, vocab_size: int) -> None:
                           f"train a tokenizer of that size")
 
 
-def _tmp_name(path: Path) -> Path:
-    # a plain open() (not mkstemp, which makes 0600 files) so the result gets the user's umask like any file
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = _tmp_name(dst)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(dst, Path(src).read_bytes())
 
 
 class _Graph:

@@ -341,6 +341,17 @@ class Engine:
             return out
         return np.matmul(self.output, xn[-1])
 
+    def _out_and_mlp_rows(self, l: int, ao, x, xb, h1, h3) -> None:
+        """Rows of tokens: x += wo @ attention output, then x += the SwiGLU MLP of rmsnorm(x) (in place)."""
+        np.matmul(ao, self.wo[l].T, out=xb)
+        x += xb
+        rmsnorm_rows(x, self.ffn_norm[l], self.eps, xb)
+        np.matmul(xb, self.w1[l].T, out=h1)
+        np.matmul(xb, self.w3[l].T, out=h3)
+        silu_mul(h1, h3, h1)
+        np.matmul(h1, self.w2[l].T, out=xb)
+        x += xb
+
     def _prefill_block(self, ids: np.ndarray) -> np.ndarray:
         """Run up to `chunk` tokens through all layers, append their keys/values; return the final-normed
         hidden states [m, dim] (a view of scratch)."""
@@ -361,14 +372,7 @@ class Engine:
             _store_kv(k, v, self.k_cache[l], self.v_cache[l], slot0, hd, self.cos, self.sin, pos0)
             attention_prefill(q, self.k_cache[l], self.v_cache[l], self.attn_start[l], slot0, self.n_rep,
                               self.scale, self.pscores, ao)
-            np.matmul(ao, self.wo[l].T, out=xb)
-            x += xb
-            rmsnorm_rows(x, self.ffn_norm[l], self.eps, xb)
-            np.matmul(xb, self.w1[l].T, out=h1)
-            np.matmul(xb, self.w3[l].T, out=h3)
-            silu_mul(h1, h3, h1)
-            np.matmul(h1, self.w2[l].T, out=xb)
-            x += xb
+            self._out_and_mlp_rows(l, ao, x, xb, h1, h3)
         rmsnorm_rows(x, self.norm, self.eps, xb)
         self._n_past += m
         return xb
@@ -516,11 +520,4 @@ class Engine:
                 break  # later layers, and this layer's attention output, never reach a memory
             rope_rows_at(q, hd, self.cos, self.sin, pos)
             reference_attention(q, k, v, lengths, hd, self.scale, ao)
-            np.matmul(ao, self.wo[l].T, out=xb)
-            x += xb
-            rmsnorm_rows(x, self.ffn_norm[l], self.eps, xb)
-            np.matmul(xb, self.w1[l].T, out=h1)
-            np.matmul(xb, self.w3[l].T, out=h3)
-            silu_mul(h1, h3, h1)
-            np.matmul(h1, self.w2[l].T, out=xb)
-            x += xb
+            self._out_and_mlp_rows(l, ao, x, xb, h1, h3)

@@ -1,4 +1,3 @@
-import io
 import json
 import os
 import random
@@ -16,30 +15,11 @@ from m3lite import bank as bank_mod
 from m3lite.bank import Bank, BankBusyError, BankError, FingerprintError, HnswIndex
 from m3lite.errors import BadArgument, M3Error
 from m3lite.sources import Document, chunk_document
+from textgen import WORDS, sentence, train_small_tokenizer  # noqa: F401
 
 LM, H, T, HD, DIM = 2, 2, 8, 16, 24
 SHAPE = (LM, H, T, HD)
-WORDS = ("the of and to in is was for on that with as by at from his her are were be this which an or has had "
-         "memory model bank reference token river mountain city music history science language paper water "
-         "light system energy number people world king war church art book time year house garden school").split()
 REPO = Path(__file__).resolve().parents[1]
-
-
-def sentence(r, lo=4, hi=20):
-    return " ".join(r.choice(WORDS) for _ in range(r.randint(lo, hi))).capitalize() + r.choice(".!?")
-
-
-def train_tokenizer(path):
-    import sentencepiece as spm
-
-    r = random.Random(0)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([sentence(r) for _ in range(2000)]), model_writer=buf, model_type="bpe",
-        vocab_size=400, hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=3, control_symbols=["<ref>"], normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2, num_threads=1)
-    Path(path).write_bytes(buf.getvalue())
 
 
 def _rng(ids):
@@ -81,7 +61,7 @@ def tok(tmp_path_factory):
     from m3lite.tokenizer import Tokenizer
 
     path = tmp_path_factory.mktemp("tok") / "t.model"
-    train_tokenizer(path)
+    train_small_tokenizer(path)
     return Tokenizer(path)
 
 
@@ -423,7 +403,7 @@ def crash_child(bank_path, tok_path, log_path):
 
 def test_sigkill_at_random_points(tok, tmp_path):
     tok_path = tmp_path / "t.model"
-    train_tokenizer(tok_path)
+    train_small_tokenizer(tok_path)
     bank_path, log_path = tmp_path / "bank", tmp_path / "log"
     docs = make_docs(CRASH_DOCS, seed=9)
     sizes = [len(chunk_document(d, tok, 32)) for d in docs]

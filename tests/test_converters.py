@@ -18,20 +18,13 @@ from converters.init import random_weights  # noqa: E402
 from converters.model import Transformer, from_stacked, to_stacked  # noqa: E402
 from converters.tokenizer import MIN_VOCAB, cached_tokenizer, train_tokenizer  # noqa: E402
 from m3lite.config import ModelConfig  # noqa: E402
+from shapes import PARITY_SHAPES  # noqa: E402
 from m3lite.errors import BadArgument, ModelFileError  # noqa: E402
 from m3lite.modelfile import CONFIG_FILE, DATA_FILE, ModelFiles  # noqa: E402
 
 TOL = 1e-4
 
-SHAPES = {
-    # GQA ratio 1, tied
-    "mha-tied": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=160, tie_embeddings=True),
-    # GQA ratio 2, untied, head dim 48 != dim / n_heads
-    "gqa2-untied-hd48": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=48,
-                             tie_embeddings=False),
-    # GQA ratio 4, tied, three layers
-    "gqa4-tied": dict(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, ffn_dim=192, tie_embeddings=True),
-}
+SHAPES = PARITY_SHAPES
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,10 @@ from converters.export_onnx import export  # noqa: E402
 from converters.model import Transformer  # noqa: E402
 from converters.tokenizer import cached_tokenizer  # noqa: E402
 from m3lite.config import ModelConfig  # noqa: E402
+from shapes import PARITY_SHAPES  # noqa: E402
 
 TOL = 1e-4
-SHAPES = {
-    "mha-tied": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=160, tie_embeddings=True),
-    "gqa2-untied-hd48": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, head_dim=48,
-                             tie_embeddings=False),
-    "gqa4-tied": dict(dim=64, n_layers=3, n_heads=8, n_kv_heads=2, ffn_dim=192, tie_embeddings=True),
-}
+SHAPES = PARITY_SHAPES
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))

@@ -1,5 +1,4 @@
 import importlib.util
-import io
 import json
 import random
 import re
@@ -9,32 +8,13 @@ import pytest
 from m3lite.errors import BadArgument, M3Error
 from m3lite.sources import (Document, SourceError, SourceWarning, chunk_document, content_hash,
                             iter_documents)
-
-WORDS = ("the of and to in is was for on that with as by at from his her are were be this which an or has had "
-         "memory model bank reference token river mountain city music history science language paper water "
-         "light system energy number people world king war church art book time year house garden school").split()
-
-
-def sentence(r: random.Random, lo=4, hi=20) -> str:
-    return " ".join(r.choice(WORDS) for _ in range(r.randint(lo, hi))).capitalize() + r.choice(".!?")
-
+from textgen import WORDS, sentence, train_small_tokenizer
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    import sentencepiece as spm
-
     from m3lite.tokenizer import Tokenizer
 
-    r = random.Random(0)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([sentence(r) for _ in range(2000)]), model_writer=buf, model_type="bpe",
-        vocab_size=400, hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=3, control_symbols=["<ref>"], normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2, num_threads=1)
-    path = tmp_path_factory.mktemp("tok") / "t.model"
-    path.write_bytes(buf.getvalue())
-    return Tokenizer(path)
+    return Tokenizer(train_small_tokenizer(tmp_path_factory.mktemp("tok") / "t.model"))
 
 
 def collect(source):
