@@ -139,8 +139,12 @@ def reference_logits(model, tokens, per_chunk, chunk):
         return forward_with_memory(model, torch.tensor(tokens)[None], per_chunk, chunk=chunk)[0].numpy()
 
 
-def test_prefill_chunks_with_memories(model, engine, memories):
-    """A 150-token prompt in 64-token chunks, each chunk with its own memories (the last with none)."""
+@pytest.mark.parametrize("storage", ["f32", "int8"])
+def test_prefill_chunks_with_memories(model, engine, memories, storage):
+    """A 150-token prompt in 64-token chunks, each chunk with its own memories (the last with none); the
+    memories as encoded (fp32) and as a bank returns them (dequantized int8), the same ones on both sides."""
+    if storage == "int8":
+        memories = quantized(memories)
     cfg = model.cfg
     chunk = cfg.retrieval_interval
     assert chunk == 64
