@@ -128,6 +128,7 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
     out = ""  # text produced so far, stop strings not yet cut
     sent = 0  # characters of `out` already yielded
     result.finish_reason = "length"
+    cut_by_stop = False
     for i in range(p.max_new_tokens):
         if cancel is not None and cancel():
             result.finish_reason = "cancelled"
@@ -147,9 +148,11 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
         if cut >= 0:
             out = out[:cut]
             result.finish_reason = "stop"
+            cut_by_stop = True
             break
         upto = len(out) - _held_back(out, stops)
         if upto > sent:
+            result.text = out[:upto]  # what the caller has seen, should it stop iterating here
             yield out[sent:upto]
             sent = upto
         if i + 1 == p.max_new_tokens or engine.n_past >= engine.max_ctx:
@@ -158,7 +161,7 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
             n = memory.model.config.retrieval_interval
             memory.install(engine, result.tokens[-n:])
         logits = engine.decode(token)
-    if result.finish_reason != "stop" or not stops:
+    if not cut_by_stop:
         out += dec.flush()
     result.decode_s = max(0.0, time.perf_counter() - t1 - result.ttft_s + result.prefill_s) if result.tokens else 0.0
     result.text = out
