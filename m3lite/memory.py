@@ -89,20 +89,19 @@ def build_or_add(model, bank_path, sources: Sequence[str], quant: str = "int8", 
         mem_shape = (len(cfg.memory_layer_ids), cfg.n_kv_heads, cfg.memory_tokens_per_head, cfg.hd)
         bank = Bank.create(bank_path, model.fingerprint, mem_shape, quant=quant, embed_dim=cfg.dim,
                            meta={"n_layers": cfg.n_layers, "model": cfg.name, "embedder": "idf-mean-v1"})
-    dead = set(int(i) for i in bank._deleted_docs)
-    present = {d["sha256"] for i, d in enumerate(bank.docs) if i not in dead}
+    present = bank.live_hashes()
     todo = [d for d in docs if d.sha256 not in present]
-    chunks = [[r.ids[1:] for r in chunk_document(d, tok, cfg.reference_max_tokens)] for d in todo]
-    total = sum(len(c) for c in chunks)
+    chunks = {d.sha256: chunk_document(d, tok, cfg.reference_max_tokens) for d in todo}  # cut once
+    total = sum(len(c) for c in chunks.values())
     if bank.get_array(IDF_ARRAY) is None:
-        refs = [ids for c in chunks for ids in c]
+        refs = [r.ids[1:] for c in chunks.values() for r in c]
         bank.put_array(IDF_ARRAY, idf_from_counts(document_frequencies(refs, cfg.vocab_size), len(refs)))
     embed = bank_embedder(model, bank)
     eng = model.engine("numba")
     cb = (lambda st: progress(st, total)) if progress is not None else None
     with model._guard():
         stats = bank.add(todo, eng.encode_references, embed, tok, max_tokens=cfg.reference_max_tokens,
-                         progress=cb)
+                         progress=cb, chunker=lambda d: chunks[d.sha256])
     stats["skipped"] += len(docs) - len(todo)
     stats["documents"] = len(docs)
     stats["bank"] = str(bank.path)
@@ -131,6 +130,7 @@ class MemorySession:
     attention_total: float = 0.0  # all attention mass at memory layers while memories were installed
     hits: dict[int, Hit] = field(default_factory=dict)  # every reference used, in order of first use
     _segments: list[tuple[int, int, int]] = field(default_factory=list)  # (ref id, first slot, end slot)
+    _by_doc: tuple[list, dict[str, list[int]]] | None = field(default=None, repr=False)  # doc id -> ref ids
 
     def __post_init__(self):
         self.embed = bank_embedder(self.model, self.bank)
@@ -143,16 +143,42 @@ class MemorySession:
         if self.mode == "memory":
             self.model.engine("numba").ref_kv()
 
-    def retrieve(self, token_ids: Sequence[int]) -> list[tuple[int, float]]:
+    def excluded(self, exclude: Iterable[int | str] | None) -> set[int]:
+        """Reference ids named by `exclude`: bank reference ids (int) and document ids (str: all of that
+        document's references, e.g. "wiki:en/Japan"; an id the bank does not hold names nothing)."""
+        out: set[int] = set()
+        for x in exclude or ():
+            if isinstance(x, str):
+                out.update(self._doc_references().get(x, ()))
+            elif isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+                out.add(int(x))
+            else:
+                raise BadArgument(f"exclude takes reference ids (int) or document ids (str), got {x!r}")
+        return out
+
+    def _doc_references(self) -> dict[str, list[int]]:
+        docs = self.bank.docs  # a new list whenever the bank moves to another committed state
+        if self._by_doc is None or self._by_doc[0] is not docs:
+            by_doc: dict[str, list[int]] = {}
+            for d in docs:
+                by_doc.setdefault(d["id"], []).extend(range(d["first"], d["first"] + d["count"]))
+            self._by_doc = (docs, by_doc)
+        return self._by_doc[1]
+
+    def retrieve(self, token_ids: Sequence[int],
+                 exclude: Iterable[int | str] | None = None) -> list[tuple[int, float]]:
+        """The top-k references for the text of `token_ids` (specials ignored), best first, as (id, score),
+        leaving out those named by `exclude` (see `excluded`)."""
         t0 = time.perf_counter()
         tok = self.model.tokenizer
         ids = [int(t) for t in token_ids if not tok.is_special(int(t))]
+        skip = self.excluded(exclude)
         found: list[tuple[int, float]] = []
         if ids and self.bank.live_count:
             q = self.embed([ids])[0]
             if np.any(q):
-                rid, sc = self.bank.search(q, min(self.k, self.bank.live_count))
-                found = [(int(i), float(s)) for i, s in zip(rid, sc)]
+                rid, sc = self.bank.search(q, min(self.k + len(skip), self.bank.live_count))
+                found = [(int(i), float(s)) for i, s in zip(rid, sc) if int(i) not in skip][:self.k]
         for i, s in found:
             if i not in self.hits:
                 self.hits[i] = Hit(i, s)
@@ -161,10 +187,11 @@ class MemorySession:
         self.retrieval_s += time.perf_counter() - t0
         return found
 
-    def install(self, engine, token_ids: Sequence[int]) -> None:
-        """Retrieve for `token_ids` and put those memories in front of the context at the memory layers."""
+    def install(self, engine, token_ids: Sequence[int], exclude: Iterable[int | str] | None = None) -> None:
+        """Retrieve for `token_ids` and put those memories in front of the context at the memory layers
+        (`exclude`: references or documents not to retrieve, as in `retrieve`)."""
         self.collect_attention(engine)
-        found = self.retrieve(token_ids)
+        found = self.retrieve(token_ids, exclude)
         t0 = time.perf_counter()
         mems = self.cache.get([i for i, _ in found])
         ref_k, ref_v = engine.ref_kv()

