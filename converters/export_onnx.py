@@ -3,7 +3,9 @@
 The graph is written op by op with onnx.helper from the config (not traced by torch.onnx.export), so
 onnxruntime running it is a second, independent implementation of the math in `converters.model`.
 Its weights are not copied: every initializer is ONNX external data pointing into the stacked blocks of
-model.onnx.data that the runtime memory-maps.
+model.onnx.data that the runtime memory-maps. Weights are stored as float32 or float16 (`dtype`: half the
+disk); float16 initializers are followed by Cast-to-float32 nodes, so the math, the inputs and the outputs stay
+float32 whatever the storage.
 
 Graph (batch 1; n new tokens after `past` cached ones; L layers):
     inputs   input_ids int64 [1, n], position_ids int64 [1, n],
@@ -23,24 +25,27 @@ from onnx import TensorProto, helper, numpy_helper
 
 from m3lite.config import ModelConfig
 from m3lite.errors import BadArgument
-from m3lite.modelfile import (CONFIG_FILE, DATA_FILE, ONNX_FILE, TOKENIZER_FILE, atomic_write_bytes, fingerprint,
-                              sha256_file, write_manifest, write_weights)
+from m3lite.modelfile import (CONFIG_FILE, DATA_FILE, DTYPES, FLOAT_DTYPES, ONNX_FILE, TOKENIZER_FILE,
+                              atomic_write_bytes, fingerprint, sha256_file, write_manifest, write_weights)
 
 OPSET = 17
 LAYER_KINDS = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w3", "w2")
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
-def export(model: Any, tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
-    """Write `model` (a converters.model.Transformer) and its tokenizer as a model directory; return the
-    fingerprint."""
+def export(model: Any, tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike,
+           dtype: str = "float32") -> str:
+    """Write `model` (a converters.model.Transformer) and its tokenizer as a model directory with its weights
+    stored as `dtype` ("float32" or "float16"); return the fingerprint."""
     from .model import to_stacked
 
-    return export_stacked(model.cfg, to_stacked(model), tokenizer_path, out_dir)
+    return export_stacked(model.cfg, to_stacked(model), tokenizer_path, out_dir, dtype=dtype)
 
 
 def export_stacked(cfg: ModelConfig, tensors: dict[str, np.ndarray], tokenizer_path: str | os.PathLike,
-                   out_dir: str | os.PathLike) -> str:
+                   out_dir: str | os.PathLike, dtype: str = "float32") -> str:
     """Like `export`, from stacked float32 runtime tensors (see m3lite.modelfile.tensor_shapes)."""
+    check_dtype(dtype)
     out = Path(out_dir)
     tok_src = Path(tokenizer_path)
     _check_tokenizer(tok_src, cfg.vocab_size)
@@ -48,7 +53,7 @@ def export_stacked(cfg: ModelConfig, tensors: dict[str, np.ndarray], tokenizer_p
     # An older model here must stop looking valid before its files are replaced; config.json comes back last.
     (out / CONFIG_FILE).unlink(missing_ok=True)
 
-    index = write_weights(out, cfg, tensors)
+    index = write_weights(out, cfg, tensors, dtype=dtype)
     tok = out / TOKENIZER_FILE
     if not (tok.exists() and tok.resolve() == tok_src.resolve()):
         _atomic_copy(tok_src, tok)
@@ -64,6 +69,11 @@ def export_stacked(cfg: ModelConfig, tensors: dict[str, np.ndarray], tokenizer_p
     written = write_manifest(out, cfg, index)
     assert written == fp, "fingerprint mismatch between graph metadata and manifest"
     return fp
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise BadArgument(f"unknown weight dtype {dtype!r}; exports write {' or '.join(FLOAT_DTYPES)}")
 
 
 def _check_tokenizer(path: Path, vocab_size: int) -> None:
@@ -108,10 +118,10 @@ class _Graph:
             self._consts[key] = name
         return self._consts[key]
 
-    def external(self, name: str, shape: tuple[int, ...], offset: int) -> str:
-        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape),
+    def external(self, name: str, shape: tuple[int, ...], offset: int, dtype: str = "float32") -> str:
+        t = TensorProto(name=name, data_type=ONNX_DTYPES[dtype], dims=list(shape),
                         data_location=TensorProto.EXTERNAL)
-        nbytes = int(np.prod(shape)) * 4
+        nbytes = int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize
         for k, v in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(nbytes))):
             t.external_data.add(key=k, value=v)
         self.inits.append(t)
@@ -120,23 +130,37 @@ class _Graph:
 
 def build_model(cfg: ModelConfig, index: dict[str, Any]) -> onnx.ModelProto:
     """The forward graph of `cfg` whose weights are the external tensors described by `index` (the weights
-    index returned by m3lite.modelfile.write_weights)."""
+    index returned by m3lite.modelfile.write_weights). Float16 weights are cast to float32 as they are read."""
     tensors = index["tensors"]
     for name, t in tensors.items():
-        if t["dtype"] != "float32":
-            raise BadArgument(f"the ONNX export reads float32 weights; tensor {name} is {t['dtype']}")
+        if t["dtype"] not in FLOAT_DTYPES:
+            raise BadArgument(f"the ONNX export reads {' or '.join(FLOAT_DTYPES)} weights; tensor {name} is "
+                              f"{t['dtype']}")
     g = _Graph()
     L, D, H, KV, hd = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.hd
     G = H // KV
     i64, f32 = np.int64, np.float32
 
-    def weight(kind: str, layer: int | None = None) -> str:
+    def stored(kind: str, layer: int | None = None) -> str:
+        """The initializer as stored (float32 or float16)."""
         t = tensors[kind]
-        shape = tuple(t["shape"])
+        shape, dt = tuple(t["shape"]), t["dtype"]
         if layer is None:
-            return g.external(kind, shape, t["offset"])
-        per_layer = int(np.prod(shape[1:])) * 4
-        return g.external(f"layers.{layer}.{kind}", shape[1:], t["offset"] + layer * per_layer)
+            return g.external(kind, shape, t["offset"], dt)
+        per_layer = int(np.prod(shape[1:])) * np.dtype(DTYPES[dt]).itemsize
+        return g.external(f"layers.{layer}.{kind}", shape[1:], t["offset"] + layer * per_layer, dt)
+
+    def to_f32(x: str, kind: str, name: str) -> str:
+        return x if tensors[kind]["dtype"] == "float32" else g.op("Cast", x, to=TensorProto.FLOAT, name=name)
+
+    cast: dict[tuple[str, int | None], str] = {}
+
+    def weight(kind: str, layer: int | None = None) -> str:
+        """The initializer as float32 (one Cast node per float16 initializer, shared by its uses)."""
+        if (kind, layer) not in cast:
+            w = stored(kind, layer)
+            cast[kind, layer] = to_f32(w, kind, f"{w}.f32")
+        return cast[kind, layer]
 
     def rmsnorm(x: str, w: str) -> str:
         ms = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
@@ -156,7 +180,9 @@ def build_model(cfg: ModelConfig, index: dict[str, Any]) -> onnx.ModelProto:
         return g.op("Transpose", g.op("Reshape", x, g.const([-1, n_heads, hd], i64)), perm=[1, 0, 2])
 
     # token embedding, [n, D] from here on (batch is 1)
-    x = g.op("Reshape", g.op("Gather", weight("tok_embeddings"), "input_ids", axis=0), g.const([-1, D], i64))
+    # (float16 storage: gather the rows, then cast only them)
+    tok_rows = g.op("Gather", stored("tok_embeddings"), "input_ids", axis=0)
+    x = g.op("Reshape", to_f32(tok_rows, "tok_embeddings", "tok_embeddings.rows.f32"), g.const([-1, D], i64))
 
     # RoPE tables for the given positions
     pos = g.op("Cast", g.op("Reshape", "position_ids", g.const([-1, 1], i64)), to=TensorProto.FLOAT)

@@ -2,6 +2,7 @@
 
     python -m converters.init --out models/tiny --preset tiny
     python -m converters.init --out /tmp/m --preset default --n-layers 4 --head-dim 48 --untied --seed 1
+    python -m converters.init --out models/small --preset default --dtype float16   # half the disk
 
 Needs numpy, onnx and sentencepiece, not torch: the weights come from numpy's PCG64 generator, in the same
 order and with the same values as `converters.model.Transformer(cfg, seed)`.
@@ -18,7 +19,7 @@ import numpy as np
 
 from m3lite.config import PRESETS, ModelConfig
 from m3lite.errors import M3Error
-from m3lite.modelfile import tensor_shapes
+from m3lite.modelfile import FLOAT_DTYPES, tensor_shapes
 
 INIT_STD = 0.02
 MATRIX_KINDS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
@@ -56,15 +57,15 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def init_model_dir(out_dir: str | os.PathLike, cfg: ModelConfig, seed: int = 0,
-                   tokenizer: str | os.PathLike | None = None) -> str:
-    """Write a random model directory; the tokenizer defaults to one trained on the text at hand (cached).
-    Returns the fingerprint."""
+                   tokenizer: str | os.PathLike | None = None, dtype: str = "float32") -> str:
+    """Write a random model directory with weights stored as `dtype` ("float32" or "float16"); the tokenizer
+    defaults to one trained on the text at hand (cached). Returns the fingerprint."""
     from .export_onnx import export_stacked
     from .tokenizer import cached_tokenizer
 
     tok = Path(tokenizer) if tokenizer is not None else cached_tokenizer(cfg.vocab_size)
     tensors = random_weights(cfg, seed)
-    return export_stacked(cfg, tensors, tok, out_dir)
+    return export_stacked(cfg, tensors, tok, out_dir, dtype=dtype)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="use this sentencepiece model instead of training one (its size must "
                                        "equal the vocabulary size)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
+    p.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES,
+                   help="how the weights are stored: float16 halves the files; the math stays float32 "
+                        "(default: float32)")
     return p
 
 
@@ -102,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             args.preset, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
             ffn_dim=args.ffn_dim, vocab_size=args.vocab_size, head_dim=args.head_dim, max_seq_len=args.max_seq_len,
             tie_embeddings=False if args.untied else None)
-        fp = init_model_dir(args.out, cfg, seed=args.seed, tokenizer=args.tokenizer)
+        fp = init_model_dir(args.out, cfg, seed=args.seed, tokenizer=args.tokenizer, dtype=args.dtype)
     except M3Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.out}: {cfg.name} model, {cfg.n_params():,} parameters, fingerprint {fp}")
+    print(f"{args.out}: {cfg.name} model, {cfg.n_params():,} parameters ({args.dtype}), fingerprint {fp}")
     return 0
 
 

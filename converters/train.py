@@ -5,6 +5,7 @@
     python -m converters.train --stage sft --model runs/memory --out runs/sft --steps 300 --export models/m3
     python -m converters.train --resume --out runs/memory            # continue an interrupted run exactly
     python -m converters.train export runs/sft --out models/m3       # a run's checkpoint as a model directory
+    python -m converters.train export runs/sft --out models/m3 --dtype float16   # ... stored as float16
     torchrun --nproc_per_node 2 -m converters.train --stage warmup ...  # data parallel (gloo CPU, NCCL CUDA)
 
 Stages:
@@ -60,7 +61,7 @@ RUN_FIELDS = ("stage", "steps", "batch", "seq_len", "lr", "min_lr", "warmup_step
               "weight_decay", "grad_clip", "seed", "corpus", "max_docs", "dict_max_chars", "eval_every",
               "eval_seqs")
 # Settings a resumed run may change.
-SESSION_FIELDS = ("stop_at", "save_every", "log_every", "export", "device", "bf16", "data_dir")
+SESSION_FIELDS = ("stop_at", "save_every", "log_every", "export", "export_dtype", "device", "bf16", "data_dir")
 
 
 class TrainError(M3Error):
@@ -73,7 +74,8 @@ class TrainError(M3Error):
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m converters.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Also: python -m converters.train export RUN_DIR --out DIR")
+                                epilog="Also: python -m converters.train export RUN_DIR --out DIR "
+                                       "[--dtype float32|float16]")
     a = p.add_argument
     a("--stage", choices=STAGES, help="warmup (plain LM), memory (continual train with memory), sft")
     src = p.add_mutually_exclusive_group()
@@ -109,13 +111,15 @@ def _parser() -> argparse.ArgumentParser:
                                   "continue later with --resume")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--export", help="after training, write the model as an m3lite model directory here")
+    a("--export-dtype", choices=FLOAT_DTYPES, help="how --export stores the weights: float16 halves the files, "
+                                                   "the math stays float32 (default float32)")
     return p
 
 
 DEFAULTS = dict(steps=1000, batch=16, seq_len=256, schedule="cosine", decay_frac=0.2, weight_decay=0.1,
                 grad_clip=1.0, bf16="auto", device="auto", seed=0, max_docs=None,
                 dict_max_chars=4_000_000, eval_every=0, eval_seqs=64, save_every=200, log_every=10, stop_at=None,
-                export=None, data_dir=None)
+                export=None, export_dtype="float32", data_dir=None)
 
 
 def _resolve(args: argparse.Namespace, saved: dict | None) -> dict:
@@ -130,7 +134,10 @@ def _resolve(args: argparse.Namespace, saved: dict | None) -> dict:
                                  f"a resumed run keeps its settings (start a new run in another --out)")
         s = dict(saved)
         for k in SESSION_FIELDS:  # per session: from this command line, else the run's (never its stop/export)
-            s[k] = given.get(k, None if k in ("stop_at", "export") else saved.get(k, DEFAULTS[k]))
+            if k in ("stop_at", "export", "export_dtype"):
+                s[k] = given.get(k, DEFAULTS[k])
+            else:
+                s[k] = given.get(k, saved.get(k, DEFAULTS[k]))
         return s
     if "stage" not in given:
         raise TrainError("--stage is required (warmup, memory or sft)")
@@ -587,18 +594,18 @@ def train(args: argparse.Namespace) -> int:
     if step < s["steps"]:
         log(f"stopped at step {step} of {s['steps']}; continue with --resume --out {run_dir}")
     elif s.get("export") and proc.main:
-        fp = export_model(model, run_dir / TOKENIZER, s["export"])
+        fp = export_model(model, run_dir / TOKENIZER, s["export"], dtype=s.get("export_dtype") or "float32")
         log(f"exported to {s['export']} (fingerprint {fp})")
     proc.barrier()
     return 0
 
 
-def export_model(model: Transformer, tokenizer: Path, out: str | os.PathLike) -> str:
+def export_model(model: Transformer, tokenizer: Path, out: str | os.PathLike, dtype: str = "float32") -> str:
     from .export_onnx import export
 
     cpu = _empty_model(model.cfg)
     cpu.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
-    return export(cpu, tokenizer, out)
+    return export(cpu, tokenizer, out, dtype=dtype)
 
 
 def export_main(argv: list[str]) -> int:
@@ -606,13 +613,17 @@ def export_main(argv: list[str]) -> int:
                                 description="Write a run's checkpoint as an m3lite model directory.")
     p.add_argument("run_dir", help="a training run directory")
     p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES,
+                   help="how the weights are stored: float16 halves the files, the math stays float32 "
+                        "(default float32)")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     if not (run_dir / CKPT).is_file():
         raise TrainError(f"{run_dir} has no {CKPT}: not a training run, or it has not saved yet")
     model, tok, state = model_from_run(run_dir)
-    fp = export_model(model, tok, args.out)
-    print(f"{args.out}: {model.cfg.name} model from {run_dir} step {state['step']}, fingerprint {fp}")
+    fp = export_model(model, tok, args.out, dtype=args.dtype)
+    print(f"{args.out}: {model.cfg.name} model ({args.dtype}) from {run_dir} step {state['step']}, "
+          f"fingerprint {fp}")
     return 0
 
 

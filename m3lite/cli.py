@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -33,13 +34,15 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-MODEL_HELP = "Model directory (config.json, model.onnx, model.onnx.data, tokenizer.model)."
+MODEL_HELP = ("Model directory (config.json, model.onnx, model.onnx.data, tokenizer.model); default: "
+              "$M3LITE_MODEL, else the model shipped with m3lite.")
 
 
 def _model_dir(model: Optional[Path]) -> Path:
     if model is None:
-        raise M3Error("no model given: pass --model DIR (make a random one with "
-                      "`python -m converters.init --preset tiny --out DIR`)")
+        from .defaults import default_model_dir
+
+        return default_model_dir()
     return model
 
 
@@ -125,22 +128,29 @@ def _warn(msg: str) -> None:
     typer.echo(f"warning: {msg}", err=True)
 
 
-def _progress_build(model, out: Path, sources: list[str], quant: str, create: bool, as_json: bool) -> None:
+@contextmanager
+def _build_progress(quiet: bool = False, what: str = "encoding references"):
+    """A progress bar (references, refs/s, elapsed, ETA) on a terminal; yields the callback for build_or_add."""
+    from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    from .memory import build_or_add
-
     cols = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]} refs/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*cols, transient=False, disable=as_json or not sys.stderr.isatty(),
-                  console=None) as bar:
-        task = bar.add_task("encoding references", total=None, rate="-")
+    with Progress(*cols, console=Console(stderr=True), disable=quiet or not sys.stderr.isatty()) as bar:
+        task = bar.add_task(what, total=None, rate="-")
 
         def progress(st: dict, total: int) -> None:
             sec = max(st.get("seconds", 0.0), 1e-9)
             bar.update(task, total=total, completed=st["added"], rate=f"{st['added'] / sec:.0f}")
 
+        yield progress
+
+
+def _progress_build(model, out: Path, sources: list[str], quant: str, create: bool, as_json: bool) -> None:
+    from .memory import build_or_add
+
+    with _build_progress(quiet=as_json) as progress:
         stats = build_or_add(model, out, sources, quant=quant, create=create, warn=_warn, progress=progress)
     if as_json:
         _echo_json(stats)
@@ -263,11 +273,27 @@ def _print_reference(n: int, r: dict) -> None:
     typer.echo(f"    {_snippet(r['text'])}")
 
 
+def _default_bank(m, model_option: Optional[Path], quiet: bool) -> Path:
+    """With neither --model nor --bank: the default bank (wiki:en), built into the cache on first use."""
+    from .defaults import default_bank_dir, ensure_default_bank
+
+    if model_option is not None:
+        raise M3Error("this mode needs a bank: pass --bank BANK (build one with `m3lite bank build SOURCE --out "
+                      "BANK --model DIR`), or use --mode none")
+    path = default_bank_dir(m)
+    if not (path.with_name(path.name + ".complete")).is_file() and not quiet:
+        typer.echo(f"building the default bank (Wikipedia summaries) for this model in {path}; "
+                   f"this happens once", err=True)
+    with _build_progress(quiet=quiet, what="building the default bank") as progress:
+        return ensure_default_bank(m, progress=progress, warn=_warn)
+
+
 @app.command()
 def ask(
     question: str = typer.Argument(..., help="Your question."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    bank: Optional[Path] = typer.Option(None, "--bank", "-b", help=BANK_HELP),
+    bank: Optional[Path] = typer.Option(None, "--bank", "-b", help=BANK_HELP + " Default (without --model too): "
+                                        "Wikipedia summaries, built into the cache on first use."),
     mode: str = typer.Option("memory", help="memory (explicit memories), rag (references in the prompt) or none."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens in the answer."),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 (default) is greedy."),
@@ -281,7 +307,7 @@ def ask(
     check_mode(mode)
     m = Model.load(_model_dir(model))
     if mode != "none" and bank is None:
-        raise M3Error(f"mode {mode} needs a bank: pass --bank BANK (build one with `m3lite bank build`)")
+        bank = _default_bank(m, model, quiet=as_json)
     pieces = m.generate(qa_prompt(question), max_new_tokens=max_tokens, temperature=temperature, seed=seed,
                         stop=["\nQuestion:"], stream=True, bank=bank if mode != "none" else None, mode=mode)
     if not as_json:
@@ -309,6 +335,52 @@ def ask(
         typer.echo("\nSources:")
         for n, ref in enumerate(r.references, 1):
             _print_reference(n, ref)
+
+
+@app.command("eval")
+def eval_(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    bank: Path = typer.Option(..., "--bank", "-b",
+                              help="Bank holding the held-out articles (`m3lite bank build wiki:en:heldout`)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate on the first N held-out articles only."),
+    max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Most tokens in an answer."),
+    report: Optional[Path] = typer.Option(None, "--report",
+                                          help="Also write the table to FILE.md and a bar chart to FILE.png."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Compare the modes none, memory and rag on the held-out Wikipedia articles: QA exact match and F1,
+    retrieval recall@5 (own embedder vs BM25), time to first token, decode speed, perplexity with and without
+    memory."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    from .evaluate import evaluate, markdown_table, report_paths, write_report
+    from .memory import open_bank
+    from .model import Model
+
+    if report is not None:
+        report_paths(report)  # a bad path fails now, not after the run
+    m = Model.load(_model_dir(model))
+    b = open_bank(bank, m)
+    cols = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*cols, console=Console(stderr=True), disable=as_json or not sys.stderr.isatty()) as bar:
+        task = bar.add_task("evaluating", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, total=total, completed=done, description=what)
+
+        res = evaluate(m, b, limit=limit, max_tokens=max_tokens, progress=progress, warn=_warn)
+    if report is not None:
+        md, png = write_report(res, report)
+        res["report"] = {"markdown": str(md), "chart": str(png)}
+    if as_json:
+        _echo_json(res)
+        return
+    typer.echo(markdown_table(res), nl=False)
+    if report is not None:
+        typer.echo(f"\nwrote {res['report']['markdown']} and {res['report']['chart']}")
 
 
 def main() -> None:

@@ -60,16 +60,21 @@ def open_bank(path, model) -> Bank:
     return Bank.open(p, fingerprint=model.fingerprint)
 
 
-def collect_documents(sources: Sequence[str], warn: Callable[[str], None]) -> list[Document]:
+def collect_documents(sources: Sequence[str | Document], warn: Callable[[str], None]) -> list[Document]:
+    """The documents of `sources`: source strings (see `iter_documents`) or Document objects, taken as they are."""
     docs: list[Document] = []
     for s in sources:
-        docs.extend(iter_documents(s, on_warning=warn))
+        if isinstance(s, Document):
+            docs.append(s)
+        else:
+            docs.extend(iter_documents(s, on_warning=warn))
     return docs
 
 
-def build_or_add(model, bank_path, sources: Sequence[str], quant: str = "int8", create: bool = True,
+def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str = "int8", create: bool = True,
                  warn: Callable[[str], None] = print, progress: Callable[[dict, int], None] | None = None) -> dict:
-    """Encode the documents of `sources` into the bank at `bank_path` (created if `create`).
+    """Encode the documents of `sources` (source strings or Document objects) into the bank at `bank_path`
+    (created if `create`).
 
     A new bank takes its IDF from all the references of this first build; later adds reuse it so that old
     and new vectors stay comparable. Documents already present (same content hash) are skipped, so
@@ -78,7 +83,7 @@ def build_or_add(model, bank_path, sources: Sequence[str], quant: str = "int8", 
     cfg = model.config
     docs = collect_documents(sources, warn)
     if not docs:
-        raise BadArgument(f"no documents found in {', '.join(sources)}")
+        raise BadArgument(f"no documents found in {', '.join(s if isinstance(s, str) else s.id for s in sources)}")
     exists = (Path(bank_path) / "manifest.json").exists()
     if not exists and not create:
         raise BankError(f"no bank at {bank_path}: build one with `m3lite bank build SOURCE --out {bank_path}`")

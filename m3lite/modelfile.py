@@ -5,7 +5,7 @@ Layout of a model directory::
     config.json        {"format": "m3lite-model", "version": 1, "config": {...}, "weights": {...},
                         "tokenizer": {...}, "fingerprint": "..."}   -- written last: the commit point
     model.onnx         the forward graph; its initializers point into model.onnx.data (ONNX external data)
-    model.onnx.data    raw little-endian tensors, each 64-byte aligned
+    model.onnx.data    raw little-endian tensors (float32, or float16: half the disk), each 64-byte aligned
     tokenizer.model    sentencepiece
 
 Weights of the same kind are stored stacked over layers ([n_layers, out, in]) so the runtime maps each kind
@@ -34,6 +34,7 @@ DATA_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.model"
 ALIGN = 64
 DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8}
+FLOAT_DTYPES = ("float32", "float16")  # what exports write and both backends run (int8 needs its own kernels)
 
 
 def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -96,8 +97,11 @@ def write_weights(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: dict[st
                   dtype: str = "float32") -> dict[str, Any]:
     """Write the stacked tensors to model.onnx.data; return the weights index for config.json.
 
-    `tensors` must hold exactly the names and shapes of `tensor_shapes(cfg)`.
+    `tensors` must hold exactly the names and shapes of `tensor_shapes(cfg)`. They are stored as `dtype`
+    (every tensor the same); float16 refuses a tensor with values it cannot hold (|x| > 65504, or not finite).
     """
+    if dtype not in DTYPES:
+        raise BadArgument(f"unknown weight dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     want = tensor_shapes(cfg)
@@ -114,6 +118,9 @@ def write_weights(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: dict[st
             a = np.ascontiguousarray(tensors[name], dtype=le)
             if tuple(a.shape) != shape:
                 raise BadArgument(f"tensor {name} has shape {a.shape}, expected {shape}")
+            if dtype == "float16" and not np.isfinite(a).all():
+                raise BadArgument(f"tensor {name} has values that float16 cannot hold (beyond +-65504, or not "
+                                  f"finite); export it as float32")
             pad = b"\0" * ((-offset) % ALIGN)
             for chunk in (pad, memoryview(a.reshape(-1)).cast("B")):  # no copy of large tensors
                 f.write(chunk)
@@ -236,7 +243,10 @@ class ModelFiles:
         weights: dict[str, np.ndarray] = {}
         for name, shape in want.items():
             t = tensors[name]
-            dt = np.dtype(DTYPES.get(t.get("dtype"), np.float32)).newbyteorder("<")
+            if t.get("dtype", "float32") not in DTYPES:
+                raise ModelFileError(f"{cpath}: tensor {name} has dtype {t.get('dtype')!r}, which this m3lite "
+                                     f"cannot read; upgrade m3lite or re-export the model")
+            dt = np.dtype(DTYPES[t.get("dtype", "float32")]).newbyteorder("<")
             off = int(t["offset"])
             n = int(np.prod(shape)) * dt.itemsize
             if list(t["shape"]) != list(shape) or off < 0 or off + n > size or off % dt.itemsize:
