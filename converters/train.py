@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from m3lite.config import PRESETS, ModelConfig
 from m3lite.errors import BadArgument, M3Error
-from m3lite.modelfile import CONFIG_FILE, ModelFiles, atomic_write_bytes
+from m3lite.modelfile import CONFIG_FILE, FLOAT_DTYPES, ModelFiles, atomic_write_bytes
 
 from . import data as D
 from .model import Transformer, encode_memory, forward_with_memory_parallel, from_stacked

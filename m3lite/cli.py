@@ -165,7 +165,8 @@ QUANT_HELP = "How memories are stored: int8 (default), int4, f16 or f32."
 
 @bank_app.command("build")
 def bank_build(
-    sources: list[str] = typer.Argument(..., help="Files (.txt .md .jsonl), folders, or wiki:en / wiki:es / wiki:fr."),
+    sources: list[str] = typer.Argument(..., help="Files (.txt .md .jsonl), folders, or wiki:en / wiki:es / "
+                                        "wiki:fr (wiki:en:heldout: the held-out articles, for `m3lite eval`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bank directory to create (or resume)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     quant: str = typer.Option("int8", help=QUANT_HELP),

@@ -1,7 +1,9 @@
 """The numba inference engine: prefill and decode over a preallocated KV cache, with memory attention.
 
-The state is spelled out like llama2.c's RunState: weights (read-only views of the memory-mapped model
-file, never copied), the KV cache and every scratch buffer are allocated once in `Engine.__init__`.
+The state is spelled out like llama2.c's RunState: weights, the KV cache and every scratch buffer are set up
+once in `Engine.__init__`. The math is float32. Float32 weights are read-only views of the memory-mapped model
+file, never copied; float16 weights (a model exported with dtype="float16") are widened to float32 once, at
+load, into a private copy: float16 files save disk, not RAM (int8 weights will come with their own kernels).
 
 KV cache layout, per layer and kv head, in slots::
 
@@ -106,8 +108,10 @@ class Engine:
     """Prefill/decode state for one sequence.
 
     Engine(cfg, weights, max_ctx=None, prefix_capacity=0, n_threads=None): `weights` is the dict of
-    `ModelFiles.weights` (float32, names and shapes of `tensor_shapes(cfg)`); max_ctx defaults to
-    cfg.max_seq_len context tokens; prefix_capacity reserves cache slots for explicit memories.
+    `ModelFiles.weights` (names and shapes of `tensor_shapes(cfg)`): float32 arrays are used in place (zero
+    copy), float16 ones are widened to a float32 copy here (exact; it costs the float32 size in RAM);
+    max_ctx defaults to cfg.max_seq_len context tokens; prefix_capacity reserves cache slots for explicit
+    memories.
     Context token i sits at RoPE position `pos_offset + i` (`pos_offset` is a plain attribute, default 0).
     """
 
@@ -123,7 +127,7 @@ class Engine:
         self.n_threads = default_threads(n_threads)
         numba.set_num_threads(self.n_threads)
 
-        # weights: read-only views, never copies
+        # weights: read-only views of float32 arrays (never copies); float16 widened once to a float32 copy
         want = tensor_shapes(cfg)
         missing = sorted(set(want) - set(weights))
         if missing:
@@ -133,8 +137,11 @@ class Engine:
             a = np.asarray(weights[name])
             if tuple(a.shape) != shape:
                 raise BadArgument(f"weight {name} has shape {tuple(a.shape)}, the config needs {shape}")
-            if a.dtype != np.float32:
-                raise BadArgument(f"weight {name} is {a.dtype}; this engine runs float32 weights")
+            if a.dtype == np.float16:
+                a = a.astype(np.float32)  # exact; C-contiguous
+            elif a.dtype != np.float32:
+                raise BadArgument(f"weight {name} is {a.dtype}; this engine runs float32 weights (float16 ones "
+                                  f"are widened at load)")
             if not a.flags.c_contiguous:
                 a = np.ascontiguousarray(a)  # only for hand-made weights; model files are contiguous
             w[name] = _readonly(a)

@@ -260,6 +260,12 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
     texts = [bank.reference(int(i))["text"] for i in live]
     bm25 = BM25(tok.sp.encode(texts, out_type=int) if texts else [], cfg.vocab_size)
 
+    def answer(prompt: str, mode: str, n: int) -> str:
+        return model.generate(prompt, max_new_tokens=n, temperature=0.0, repetition_penalty=1.0, stop=[STOP],
+                              bank=bank, mode=mode)
+
+    for mode in MODES:  # untimed: the first call of a mode pays one-time costs (compiled code, page faults)
+        answer(qa_prompt(articles[0].questions[0].question), mode, 2)
     per_mode = {m: {"em": [], "f1": [], "ttft": [], "tps": []} for m in MODES}
     recall = {"own": 0, "bm25": 0}
     examples: list[dict] = []
@@ -271,8 +277,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
             recall["bm25"] += hit(live[bm25.ranked(query, RECALL_K)], art.references)
             answers = {}
             for mode in MODES:
-                text = model.generate(prompt, max_new_tokens=max_tokens, temperature=0.0, repetition_penalty=1.0,
-                                      stop=[STOP], bank=bank, mode=mode)
+                text = answer(prompt, mode, max_tokens)
                 r = model.last_result
                 answers[mode] = text.strip()
                 acc = per_mode[mode]
@@ -372,7 +377,7 @@ def chart_png(res: dict) -> bytes:
     panels = [
         ("EM %", [(k, pct(m[k]["exact_match"])) for k in MODES]),
         ("F1 %", [(k, pct(m[k]["f1"])) for k in MODES]),
-        ("recall@5 %", [("own embedder", pct(rc["own"])), ("BM25", pct(rc["bm25"]))]),
+        ("top-5 recall %", [("own embedder", pct(rc["own"])), ("BM25", pct(rc["bm25"]))]),
         ("TTFT ms", [(k, m[k]["ttft_ms"]) for k in MODES]),
         ("decode tok/s", [(k, m[k]["decode_tokens_per_s"]) for k in MODES]),
         ("perplexity", [("none", pp["none"]), ("memory", pp["memory"])]),

@@ -115,7 +115,8 @@ def write_weights(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: dict[st
     le = np.dtype(DTYPES[dtype]).newbyteorder("<")
     with open(tmp, "wb") as f:
         for name, shape in want.items():
-            a = np.ascontiguousarray(tensors[name], dtype=le)
+            with np.errstate(over="ignore"):  # float16 overflow is refused just below
+                a = np.ascontiguousarray(tensors[name], dtype=le)
             if tuple(a.shape) != shape:
                 raise BadArgument(f"tensor {name} has shape {a.shape}, expected {shape}")
             if dtype == "float16" and not np.isfinite(a).all():

@@ -119,7 +119,7 @@ def bar_chart(panels: Sequence[tuple[str, Sequence[tuple[str, float | None]]]], 
     """PNG bytes of grouped bars: one panel per (title, [(label, value), ...]), side by side, each with its own
     scale from 0 to its largest value (so metrics of different units can share a picture). A label has the same
     colour in every panel, listed in a legend on top; each bar has its value written above it (None: no bar, a
-    dash). Values are drawn with "%.3g"; negative values are drawn as 0-height bars."""
+    dash). Values are drawn with "%.3g" (whole numbers from 1000 to 1e7); negative values as 0-height bars."""
     bar_w, gap = 30, 14
     n_bars = max((len(bars) for _, bars in panels), default=1)
     titles = [t for t, _ in panels]
@@ -165,7 +165,7 @@ def bar_chart(panels: Sequence[tuple[str, Sequence[tuple[str, float | None]]]], 
             else:
                 h = max(v, 0.0) / vmax * (bottom - plot_top)
                 _box(img, bx, bottom - h, bx + bar_w, bottom, color[label])
-                s = f"{v:.3g}"
+                s = f"{v:.0f}" if 1e3 <= abs(v) < 1e7 else f"{v:.3g}"
                 _text(img, bx + (bar_w - text_width(s)) // 2, int(bottom - h) - 14, s)
             bx += bar_w + gap
         if p:

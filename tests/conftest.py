@@ -8,21 +8,22 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """Factory: tiny_model_dir(seed=0, **config_overrides) -> Path of a random model directory built from the
-    "tiny" preset with those overrides (e.g. n_kv_heads=1, head_dim=48, tie_embeddings=False). Directories are
-    built once per session and shared: treat them as read-only."""
+    """Factory: tiny_model_dir(seed=0, dtype="float32", **config_overrides) -> Path of a random model directory
+    built from the "tiny" preset with those overrides (e.g. n_kv_heads=1, head_dim=48, tie_embeddings=False),
+    its weights stored as `dtype`. Directories are built once per session and shared: treat them as
+    read-only."""
     pytest.importorskip("onnx")
     from converters.init import init_model_dir
     from m3lite.config import ModelConfig
 
     made: dict[tuple, Path] = {}
 
-    def make(seed: int = 0, **overrides) -> Path:
-        key = (seed, repr(sorted(overrides.items())))
+    def make(seed: int = 0, dtype: str = "float32", **overrides) -> Path:
+        key = (seed, dtype, repr(sorted(overrides.items())))
         if key not in made:
             cfg = ModelConfig.preset("tiny", **overrides)
             out = tmp_path_factory.mktemp("model")
-            init_model_dir(out, cfg, seed=seed)
+            init_model_dir(out, cfg, seed=seed, dtype=dtype)
             made[key] = out
         return made[key]
 

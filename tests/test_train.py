@@ -297,3 +297,33 @@ def test_export_matches_the_trainer_model(stages, tmp_path):
         want = model(torch.tensor([ids]))[0].numpy()
     got = m3lite.load(out).logits(ids)
     assert np.abs(got - want).max() < 1e-4
+
+
+@needs_wiki
+def test_export_float16(stages, tmp_path):
+    import m3lite
+    from m3lite.modelfile import DATA_FILE, ModelFiles
+
+    out = tmp_path / "model16"
+    assert T.main(["export", str(stages["sft"]), "--out", str(out), "--dtype", "float16"]) == 0
+    mf = ModelFiles.open(out)
+    assert {a.dtype for a in mf.weights.values()} == {np.dtype(np.float16)}
+    assert (out / DATA_FILE).stat().st_size <= 2 * mf.config.n_params() + 64 * len(mf.weights)
+    model, _, _ = T.model_from_run(stages["sft"])
+    ids = [BOS] + list(range(20, 60))
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0].numpy()
+    got = m3lite.load(out).logits(ids)
+    assert np.abs(got - want).max() < 4e-3 * np.abs(want).max()  # float16 rounding of the weights only
+
+
+def test_export_dtype_option():
+    args = ["--stage", "warmup", "--preset", "tiny", "--out", "unused"]
+    assert T._resolve(T._parser().parse_args(args), None)["export_dtype"] == "float32"
+    s = T._resolve(T._parser().parse_args(args + ["--export", "m", "--export-dtype", "float16"]), None)
+    assert (s["export"], s["export_dtype"]) == ("m", "float16")
+    # like --export, a resumed session does not inherit it
+    resumed = T._resolve(T._parser().parse_args(["--resume", "--out", "unused"]), s)
+    assert (resumed["export"], resumed["export_dtype"]) == (None, "float32")
+    with pytest.raises(SystemExit):
+        T._parser().parse_args(args + ["--export-dtype", "int8"])

@@ -28,7 +28,7 @@ stage memory --model "$RUNS/warmup" --steps 400 --batch 16 --seq-len 256 --lr 5e
 # SFT: questions from the articles' own fields, memories retrieved by the question, loss on the answers
 stage sft --model "$RUNS/memory" --steps 300 --batch 16 --seq-len 256 --lr 3e-4 --warmup-steps 20 \
   --schedule cosine --save-every 50
-python -m converters.train export "$RUNS/sft" --out "$OUT"
+python -m converters.train export "$RUNS/sft" --out "$OUT" --dtype float16   # 17 MB instead of 34
 
 # evaluation on the held-out 10% (never seen in any stage, tokenizer included)
 m3lite bank build wiki:en:heldout --out "$RUNS/eval-bank" --model "$OUT"   # resumes; skips what it holds
