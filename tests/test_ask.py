@@ -10,6 +10,7 @@ import pytest
 
 import m3lite
 from m3lite.bank import Bank, FingerprintError
+from clitools import one_line_error, run
 
 NOTES = {
     "volcano.md": "# Volcanoes\n\nA volcano is a rupture in the crust of a planet. Lava, ash and gases escape "
@@ -22,12 +23,6 @@ NOTES = {
 }
 
 
-def run(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "m3lite", *map(str, args)], capture_output=True, text=True,
-                       timeout=600)
-    if check:
-        assert p.returncode == 0, p.stderr
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +129,6 @@ def test_api_generate_with_bank(built):
         m.generate("x", mode="rag")
 
 
-def one_line_error(p):
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    assert "Traceback" not in p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    return lines[0]
 
 
 def test_damaged_banks_refused_in_one_line(built, tmp_path):

@@ -15,7 +15,7 @@ from m3lite import bank as bank_mod
 from m3lite.bank import Bank, BankBusyError, BankError, FingerprintError, HnswIndex
 from m3lite.errors import BadArgument, M3Error
 from m3lite.sources import Document, chunk_document
-from textgen import WORDS, sentence, train_small_tokenizer  # noqa: F401
+from textgen import sentence, train_small_tokenizer
 
 LM, H, T, HD, DIM = 2, 2, 8, 16, 24
 SHAPE = (LM, H, T, HD)

@@ -3,26 +3,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
-import pytest
+from clitools import one_line_error, run
 
 
-def run(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "m3lite", *map(str, args)], capture_output=True, text=True,
-                       timeout=300)
-    if check:
-        assert p.returncode == 0, p.stderr
-    return p
 
 
-def one_line_error(p):
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    assert "Traceback" not in p.stderr
-    return lines[0]
 
 
 def test_generate_json(tiny_model_dir):

@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 from m3lite.defaults import DEFAULT_MODEL
+from clitools import run
 
 
-def run(*args, env):
-    return subprocess.run([sys.executable, "-m", "m3lite", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env)
 
 
 def test_default_bank_built_once_then_reused(tiny_model_dir, tmp_path):
@@ -21,33 +17,33 @@ def test_default_bank_built_once_then_reused(tiny_model_dir, tmp_path):
     (notes / "b.md").write_text("Bread is baked from a dough of flour and water.")
     env = dict(os.environ, M3LITE_MODEL=str(tiny_model_dir()), M3LITE_CACHE=str(tmp_path / "cache"),
                M3LITE_DEFAULT_SOURCES=str(notes))
-    first = run("ask", "What is the Eiffel Tower?", "--max-tokens", "4", "--json", env=env)
+    first = run("ask", "What is the Eiffel Tower?", "--max-tokens", "4", "--json", env=env, check=False)
     assert first.returncode == 0, first.stderr
     out = json.loads(first.stdout)
     assert out["references"] and out["mode"] == "memory"
     banks = sorted((tmp_path / "cache" / "banks").iterdir())
     assert [p.name.endswith(".complete") for p in banks] == [False, True]
     (notes / "c.md").write_text("A new note that must not be picked up by a later start.")
-    second = run("ask", "What is bread?", "--max-tokens", "4", env=env)
+    second = run("ask", "What is bread?", "--max-tokens", "4", env=env, check=False)
     assert second.returncode == 0, second.stderr
     assert "building the default bank" not in second.stderr and "Sources:" in second.stdout
-    info = json.loads(run("bank", "info", banks[0], "--json", env=env).stdout)
+    info = json.loads(run("bank", "info", banks[0], "--json", env=env, check=False).stdout)
     assert info["documents"] == 2
 
 
 def test_model_without_bank_needs_a_bank(tiny_model_dir, tmp_path):
     env = dict(os.environ, M3LITE_CACHE=str(tmp_path / "cache"))
-    p = run("ask", "What?", "--model", tiny_model_dir(), env=env)
+    p = run("ask", "What?", "--model", tiny_model_dir(), env=env, check=False)
     assert p.returncode == 2 and "--bank" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = run("ask", "What?", "--model", tiny_model_dir(), "--mode", "none", "--max-tokens", "2", env=env)
+    p = run("ask", "What?", "--model", tiny_model_dir(), "--mode", "none", "--max-tokens", "2", env=env, check=False)
     assert p.returncode == 0, p.stderr
 
 
 def test_default_model_from_environment_or_package(tiny_model_dir, tmp_path):
     env = dict(os.environ, M3LITE_MODEL=str(tiny_model_dir()))
-    assert json.loads(run("info", "--json", env=env).stdout)["config"]["dim"] == 64
+    assert json.loads(run("info", "--json", env=env, check=False).stdout)["config"]["dim"] == 64
     env.pop("M3LITE_MODEL")
-    p = run("info", env=env)
+    p = run("info", env=env, check=False)
     if (DEFAULT_MODEL / "config.json").is_file():
         assert p.returncode == 0, p.stderr
     else:

