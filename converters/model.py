@@ -555,6 +555,18 @@ def _per_chunk(memories, n_chunks: int) -> list:
     return memories
 
 
+def _chunk_plan(model: "Transformer", tokens: torch.Tensor, memories, chunk: int | None, pos_offset: int | None):
+    """The chunking both memory forwards share: (chunk, pos_offset, B, T, n_chunks, memories per chunk)."""
+    cfg = model.cfg
+    chunk = cfg.retrieval_interval if chunk is None else chunk
+    pos_offset = cfg.reference_max_tokens if pos_offset is None else pos_offset
+    B, T = tokens.shape
+    if chunk <= 0 or T == 0:
+        raise ValueError("forward_with_memory needs chunk > 0 and at least one token")
+    n_chunks = -(-T // chunk)
+    return chunk, pos_offset, B, T, n_chunks, _per_chunk(memories, n_chunks)
+
+
 def forward_with_memory(model: Transformer, tokens: torch.Tensor, memories, chunk: int | None = None,
                         pos_offset: int | None = None, past_kv: list[KV] | None = None, return_kv: bool = False):
     """Memory3 forward: tokens [B, T] -> logits [B, T, V] (and the context kv, as `Transformer.forward`).
@@ -576,14 +588,7 @@ def forward_with_memory(model: Transformer, tokens: torch.Tensor, memories, chun
     see only the causal context. With nothing retrieved the memory layers still attend to <ref>, so "memory mode
     with no memories" is a well-defined model (the one trained with memory, minus the knowledge).
     """
-    cfg = model.cfg
-    chunk = cfg.retrieval_interval if chunk is None else chunk
-    pos_offset = cfg.reference_max_tokens if pos_offset is None else pos_offset
-    B, T = tokens.shape
-    if chunk <= 0 or T == 0:
-        raise ValueError("forward_with_memory needs chunk > 0 and at least one token")
-    n_chunks = -(-T // chunk)
-    per_chunk = _per_chunk(memories, n_chunks)
+    chunk, pos_offset, B, T, n_chunks, per_chunk = _chunk_plan(model, tokens, memories, chunk, pos_offset)
     ref = ref_kv(model)
     P = past_kv[0][0].shape[2] if past_kv else 0
     kv, outs = past_kv, []
@@ -606,13 +611,7 @@ def forward_with_memory_parallel(model: Transformer, tokens: torch.Tensor, memor
     tokens of chunk c see <ref> and chunk c's slots only.
     """
     cfg = model.cfg
-    chunk = cfg.retrieval_interval if chunk is None else chunk
-    pos_offset = cfg.reference_max_tokens if pos_offset is None else pos_offset
-    B, T = tokens.shape
-    if chunk <= 0 or T == 0:
-        raise ValueError("forward_with_memory needs chunk > 0 and at least one token")
-    n_chunks = -(-T // chunk)
-    per_chunk = _per_chunk(memories, n_chunks)
+    chunk, pos_offset, B, T, n_chunks, per_chunk = _chunk_plan(model, tokens, memories, chunk, pos_offset)
     device = tokens.device
     Lm, G = len(cfg.memory_layer_ids), cfg.n_kv_heads
     rk, rv = ref_kv(model)
