@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -129,22 +130,33 @@ def _warn(msg: str) -> None:
 
 
 @contextmanager
-def _build_progress(quiet: bool = False, what: str = "encoding references"):
-    """A progress bar (references, refs/s, elapsed, ETA) on a terminal; yields the callback for build_or_add."""
+def _progress_bar(what: str, quiet: bool = False, rate: bool = False):
+    """A progress bar on stderr when it is a terminal (count, optional items/s, elapsed, ETA); yields
+    update(done, total, description=None)."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    cols = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} refs/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    cols = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    cols += [TextColumn("{task.fields[rate]} refs/s")] if rate else []
+    cols += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*cols, console=Console(stderr=True), disable=quiet or not sys.stderr.isatty()) as bar:
         task = bar.add_task(what, total=None, rate="-")
+        t0 = time.monotonic()
 
-        def progress(st: dict, total: int) -> None:
-            sec = max(st.get("seconds", 0.0), 1e-9)
-            bar.update(task, total=total, completed=st["added"], rate=f"{st['added'] / sec:.0f}")
+        def update(done: int, total: int, description: str | None = None) -> None:
+            extra = {"description": description} if description else {}
+            bar.update(task, total=total, completed=done, rate=f"{done / max(time.monotonic() - t0, 1e-9):.0f}",
+                       **extra)
 
-        yield progress
+        yield update
+
+
+@contextmanager
+def _build_progress(quiet: bool = False, what: str = "encoding references"):
+    """The progress callback build_or_add takes: references encoded of the total, refs/s, ETA."""
+    with _progress_bar(what, quiet=quiet, rate=True) as update:
+        yield lambda st, total: update(st["added"], total)
 
 
 def _progress_build(model, out: Path, sources: list[str], quant: str, create: bool, as_json: bool) -> None:
@@ -352,10 +364,6 @@ def eval_(
     """Compare the modes none, memory and rag on the held-out Wikipedia articles: QA exact match and F1,
     retrieval recall@5 (own embedder vs BM25), time to first token, decode speed, perplexity with and without
     memory."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
     from .evaluate import evaluate, markdown_table, report_paths, write_report
     from .memory import open_bank
     from .model import Model
@@ -364,14 +372,7 @@ def eval_(
         report_paths(report)  # a bad path fails now, not after the run
     m = Model.load(_model_dir(model))
     b = open_bank(bank, m)
-    cols = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*cols, console=Console(stderr=True), disable=as_json or not sys.stderr.isatty()) as bar:
-        task = bar.add_task("evaluating", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, total=total, completed=done, description=what)
-
+    with _progress_bar("evaluating", quiet=as_json) as progress:
         res = evaluate(m, b, limit=limit, max_tokens=max_tokens, progress=progress, warn=_warn)
     if report is not None:
         md, png = write_report(res, report)
