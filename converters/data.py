@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from m3lite.errors import BadArgument
-from m3lite.evaluate import BM25 as _BM25
+from m3lite.retrieval import BM25
 from m3lite.heldout import HELD_OUT_BUCKETS, QASample, first_sentence, is_held_out, qa_samples  # noqa: F401
 from m3lite.memory import qa_prompt
 from m3lite.modelfile import atomic_write_bytes, cache_dir, sha256_file
@@ -270,14 +270,9 @@ def build_references(articles: dict[str, dict[str, str]], tokenizer, max_tokens:
                         doc=np.asarray(doc, np.int32), titles=np.asarray(titles, dtype=str))
 
 
-class BM25(_BM25):
-    """Okapi BM25 (m3lite.evaluate's) over the references' text tokens (each <ref> dropped)."""
-
-    def __init__(self, refs: ReferenceSet, vocab_size: int, k1: float = 1.2, b: float = 0.75):
-        lengths = np.diff(refs.offsets) - 1  # without <ref>
-        keep = np.ones(len(refs.ids), bool)
-        keep[refs.offsets[:-1]] = False  # drop each <ref>
-        self._build(refs.ids[keep], lengths, vocab_size, k1, b)
+def reference_bm25(refs: ReferenceSet, vocab_size: int) -> BM25:
+    """Okapi BM25 (m3lite.retrieval's, as a bank searches) over the references' tokens (each <ref> dropped)."""
+    return BM25.from_references(refs.ids, np.diff(refs.offsets), vocab_size)
 
 
 # ------------------------------------------------------------------------------------------- leakage
@@ -486,7 +481,7 @@ def build_stage(stage: str, spec: DataSpec, split: str = "train",
         say(f"cutting {len(articles)} {split} articles into references")
         refs = build_references(articles, tok, spec.reference_max_tokens)
         arrays.update(refs.arrays())
-        bm25 = BM25(refs, tok.vocab_size)
+        bm25 = reference_bm25(refs, tok.vocab_size)
     if stage in ("warmup", "memory"):
         docs = documents(spec.corpus, split, spec.max_docs, spec.dict_max_chars)
         say(f"tokenizing {len(docs)} {split} documents")

@@ -254,14 +254,17 @@ def bank_search(
     query: str = typer.Argument(..., help="Text to look for."),
     k: int = typer.Option(5, "--k", "-k", help="How many references to return."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    dense: bool = typer.Option(False, "--dense", help="Search with the model's own dense embedder (cosine, "
+                                                      "HNSW) instead of the lexical BM25 search the modes use."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
 ) -> None:
-    """Find the references of a bank closest to QUERY (the model's own embedder, cosine)."""
+    """Find the references of a bank that best match QUERY (BM25 over the references' tokens; --dense: the
+    model's own embedder)."""
     from .memory import MemorySession, open_bank
     from .model import Model
 
     m = Model.load(_model_dir(model))
-    s = MemorySession(m, open_bank(bank, m), top_k=k)
+    s = MemorySession(m, open_bank(bank, m), top_k=k, retriever="dense" if dense else "lexical")
     found = s.retrieve(m.tokenizer.encode(query))
     refs = []
     for i, score in found:

@@ -7,8 +7,9 @@ bank holds (documents "wiki:LANG/<title>", as `m3lite bank build wiki:en:heldout
 - QA: each mode (none, memory, rag; the same retrieval, `MemorySession`) answers `qa_prompt(question)` greedily
   (no repetition penalty), stopping at "\\n"; exact match and token F1 after SQuAD's normalisation.
 - Retrieval: recall@5, the share of questions whose article's own references are among the 5 found for the
-  question (the query memory and rag modes use: the prompt's first retrieval_interval tokens), with the model's
-  own embedder (the bank's search) and with an exact BM25 over the bank's reference texts (the model's tokens).
+  question (the query memory and rag modes use: the prompt's first retrieval_interval tokens), for the bank's
+  lexical search (BM25 over the references' stored tokens, what the modes use), for the model's own dense
+  embedder (HNSW) and for an exact BM25 over the bank's reference texts re-tokenized (the baseline).
 - Speed: medians over the questions of time to first token and decode tokens/s, per mode.
 - Perplexity of the held-out summaries (the extract, cut to the model's context) without memory (a plain
   forward) and with memory (the memory-mode prefill: 64-token chunks, each attending to its own top-k) where the
@@ -31,7 +32,7 @@ import numpy as np
 
 from .errors import BadArgument, M3Error
 from .heldout import QASample, article_questions, is_held_out
-from .retrieval import idf_from_counts
+from .retrieval import BM25
 
 MODES = ("none", "memory", "rag")
 RECALL_K = 5
@@ -93,59 +94,6 @@ def perplexity(nll_sum: float, n_tokens: int) -> float | None:
 def hit(found: Iterable[int], relevant: Iterable[int]) -> bool:
     """True when any of `found` is one of `relevant`."""
     return not set(int(i) for i in found).isdisjoint(int(i) for i in relevant)
-
-
-class BM25:
-    """Okapi BM25 (k1 1.2, b 0.75) over documents given as token ids, exact (an inverted index of precomputed
-    term weights, every posting scored). IDF is m3lite.retrieval's, the bank embedder's formula
-    log(1 + (N - df + 0.5) / (df + 0.5)), so specials and tokens absent from every document weigh nothing. A
-    query is its set of distinct tokens (a repeated word counts once). Here only for measurement (`m3lite eval`)
-    and the trainer's retrieval at data-preparation time."""
-
-    def __init__(self, documents: Sequence[Sequence[int]], vocab_size: int, k1: float = 1.2, b: float = 0.75):
-        lengths = np.array([len(d) for d in documents], np.int64)
-        flat = (np.concatenate([np.asarray(d, np.int64) for d in documents]) if len(documents)
-                else np.zeros(0, np.int64))
-        self._build(flat, lengths, vocab_size, k1, b)
-
-    def _build(self, flat: np.ndarray, lengths: np.ndarray, vocab_size: int, k1: float, b: float) -> None:
-        """Documents as one token array `flat` and their `lengths` (document i follows document i - 1)."""
-        self.n = n = len(lengths)
-        self.vocab_size = V = vocab_size
-        flat = np.asarray(flat, np.int64)
-        docs = np.repeat(np.arange(n, dtype=np.int64), lengths)
-        ok = (flat >= 0) & (flat < V)
-        keys, tf = np.unique(docs[ok] * V + flat[ok], return_counts=True)
-        d, t = keys // V, keys % V
-        df = np.bincount(t, minlength=V)
-        self.idf = idf_from_counts(df, n)
-        avg = max(float(lengths.mean()) if n else 1.0, 1.0)
-        w = self.idf[t] * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lengths[d] / avg))
-        order = np.argsort(t, kind="stable")
-        self.post_doc = d[order].astype(np.int64)
-        self.post_w = w[order].astype(np.float64)
-        self.indptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)
-
-    def scores(self, query: Sequence[int]) -> np.ndarray:
-        """The BM25 score of every document for `query` [n] (float64)."""
-        q = np.asarray(query, np.int64)
-        u = np.unique(q[(q >= 0) & (q < self.vocab_size)])
-        u = u[self.idf[u] > 0]
-        starts, ends = self.indptr[u], self.indptr[u + 1]
-        lens = ends - starts
-        if lens.sum() == 0:
-            return np.zeros(self.n)
-        idx = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
-        return np.bincount(self.post_doc[idx], weights=self.post_w[idx], minlength=self.n)
-
-    def ranked(self, query: Sequence[int], n_best: int) -> np.ndarray:
-        """Up to `n_best` documents with a positive score, best first (equal scores: lower index first)."""
-        s = self.scores(query)
-        cand = np.flatnonzero(s > 0)
-        if len(cand) > n_best:
-            cut = np.partition(s[cand], len(cand) - n_best)[len(cand) - n_best]
-            cand = cand[s[cand] >= cut]
-        return cand[np.lexsort((cand, -s[cand]))][:n_best]
 
 
 # ------------------------------------------------------------------------------------------------ the articles
@@ -255,7 +203,8 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
     say = progress or (lambda d, t, what: None)
     say(0, total, "preparing retrieval")
 
-    search = MemorySession(model, bank, mode="rag", top_k=RECALL_K)  # the bank's search, for recall
+    search = {r: MemorySession(model, bank, mode="rag", top_k=RECALL_K, retriever=r)  # the bank's searches
+              for r in ("lexical", "dense")}
     live = np.flatnonzero([not bank.is_deleted(i) for i in range(bank.count)])
     texts = [bank.reference(int(i))["text"] for i in live]
     bm25 = BM25(tok.sp.encode(texts, out_type=int) if texts else [], cfg.vocab_size)
@@ -267,13 +216,14 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
     for mode in MODES:  # untimed: the first call of a mode pays one-time costs (compiled code, page faults)
         answer(qa_prompt(articles[0].questions[0].question), mode, 2)
     per_mode = {m: {"em": [], "f1": [], "ttft": [], "tps": []} for m in MODES}
-    recall = {"own": 0, "bm25": 0}
+    recall = {"lexical": 0, "dense": 0, "bm25": 0}
     examples: list[dict] = []
     for art in articles:
         for q in art.questions:
             prompt = qa_prompt(q.question)
             query = model.encode_prompt(prompt)[:cfg.retrieval_interval]
-            recall["own"] += hit((i for i, _ in search.retrieve(query)), art.references)
+            for r, s in search.items():
+                recall[r] += hit((i for i, _ in s.retrieve(query)), art.references)
             recall["bm25"] += hit(live[bm25.ranked(query, RECALL_K)], art.references)
             answers = {}
             for mode in MODES:
@@ -316,7 +266,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
         "model": cfg.name, "fingerprint": model.fingerprint, "bank": str(bank.path), "lang": lang,
         "articles": len(articles), "questions": n_questions, "max_tokens": max_tokens,
         "modes": modes,
-        "recall_at_5": {"own": rnd(recall["own"] / n_questions), "bm25": rnd(recall["bm25"] / n_questions)},
+        "recall_at_5": {r: rnd(n / n_questions) for r, n in recall.items()},
         "perplexity": {"none": rnd(perplexity(nll["none"], n_tokens)),
                        "memory": rnd(perplexity(nll["memory"], n_tokens)),
                        "tokens": n_tokens, "summaries": n_summaries},
@@ -335,22 +285,23 @@ def _fmt(x, scale: float = 1.0, nd: int = 1) -> str:
 def markdown_table(res: dict) -> str:
     """The results as a markdown table, modes as rows (and BM25 as a retrieval-only row), with a caption."""
     m, rc, pp = res["modes"], res["recall_at_5"], res["perplexity"]
-    own = f"{_fmt(rc['own'], 100)} (own embedder)"
+    used = _fmt(rc["lexical"], 100)
     rows = [
         ("none", m["none"], "–", pp["none"]),
-        ("memory", m["memory"], own, pp["memory"]),
-        ("rag", m["rag"], own, None),
+        ("memory", m["memory"], used, pp["memory"]),
+        ("rag", m["rag"], used, None),
     ]
     lines = [f"Held-out evaluation of {res['model']} (fingerprint {res['fingerprint']}) with bank {res['bank']}: "
              f"{res['articles']} articles, {res['questions']} questions, greedy, up to {res['max_tokens']} tokens, "
-             f"stop at a newline. Perplexity over {pp['tokens']} tokens of {pp['summaries']} summaries; memory "
+             f"stop at a newline. The modes retrieve with the bank's lexical search (BM25). Perplexity over {pp['tokens']} tokens of {pp['summaries']} summaries; memory "
              f"mode without the summary's own references.", "",
              "| mode | EM % | F1 % | recall@5 % | TTFT ms | decode tok/s | perplexity |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, d, r, p in rows:
         lines.append(f"| {name} | {_fmt(d['exact_match'], 100)} | {_fmt(d['f1'], 100)} | {r} | "
                      f"{_fmt(d['ttft_ms'])} | {_fmt(d['decode_tokens_per_s'])} | {_fmt(p, nd=2)} |")
-    lines.append(f"| BM25 (retrieval only) | – | – | {_fmt(rc['bm25'], 100)} | – | – | – |")
+    lines.append(f"| own dense embedder, HNSW (retrieval only) | – | – | {_fmt(rc['dense'], 100)} | – | – | – |")
+    lines.append(f"| BM25 baseline (retrieval only) | – | – | {_fmt(rc['bm25'], 100)} | – | – | – |")
     return "\n".join(lines) + "\n"
 
 
@@ -377,7 +328,8 @@ def chart_png(res: dict) -> bytes:
     panels = [
         ("EM %", [(k, pct(m[k]["exact_match"])) for k in MODES]),
         ("F1 %", [(k, pct(m[k]["f1"])) for k in MODES]),
-        ("top-5 recall %", [("own embedder", pct(rc["own"])), ("BM25", pct(rc["bm25"]))]),
+        ("top-5 recall %", [("bank (lexical)", pct(rc["lexical"])), ("dense", pct(rc["dense"])),
+                            ("BM25", pct(rc["bm25"]))]),
         ("TTFT ms", [(k, m[k]["ttft_ms"]) for k in MODES]),
         ("decode tok/s", [(k, m[k]["decode_tokens_per_s"]) for k in MODES]),
         ("perplexity", [("none", pp["none"]), ("memory", pp["memory"])]),

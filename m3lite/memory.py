@@ -23,6 +23,7 @@ from .retrieval import Embedder, MemoryCache, document_frequencies, idf_from_cou
 from .sources import Document, chunk_document, iter_documents
 
 MODES = ("memory", "rag", "none")
+RETRIEVERS = ("lexical", "dense")
 IDF_ARRAY = "idf"
 
 
@@ -130,6 +131,7 @@ class MemorySession:
     bank: Bank
     mode: str = "memory"
     top_k: int | None = None
+    retriever: str = "lexical"  # lexical: exact BM25 over the bank's tokens; dense: the own embedder over HNSW
     cache: MemoryCache | None = None
     retrieval_s: float = 0.0
     attention_total: float = 0.0  # all attention mass at memory layers while memories were installed
@@ -138,13 +140,18 @@ class MemorySession:
     _by_doc: tuple[list, dict[str, list[int]]] | None = field(default=None, repr=False)  # doc id -> ref ids
 
     def __post_init__(self):
+        if self.retriever not in RETRIEVERS:
+            raise BadArgument(f"unknown retriever {self.retriever!r}; choose one of {', '.join(RETRIEVERS)}")
         self.embed = bank_embedder(self.model, self.bank)
         self.k = self.top_k or self.model.config.retrieval_top_k
         if self.cache is None:
             self.cache = MemoryCache(self.bank)
         # one-time costs (index load, compiled encoder) at open, not in the first answer's latency
         if self.bank.live_count:
-            self.bank.search(np.ones(self.bank.embed_dim, np.float32), 1)
+            if self.retriever == "dense":
+                self.bank.search(np.ones(self.bank.embed_dim, np.float32), 1)
+            else:
+                self.bank.lexical_search([], 1)
         if self.mode == "memory":
             self.model.engine("numba").ref_kv()
 
@@ -179,7 +186,10 @@ class MemorySession:
         ids = [int(t) for t in token_ids if not tok.is_special(int(t))]
         skip = self.excluded(exclude)
         found: list[tuple[int, float]] = []
-        if ids and self.bank.live_count:
+        if ids and self.bank.live_count and self.retriever == "lexical":
+            rid, sc = self.bank.lexical_search(ids, self.k, skip)
+            found = [(int(i), float(s)) for i, s in zip(rid, sc)]
+        elif ids and self.bank.live_count:
             q = self.embed([ids])[0]
             if np.any(q):
                 rid, sc = self.bank.search(q, min(self.k + len(skip), self.bank.live_count))

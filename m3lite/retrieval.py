@@ -35,6 +35,72 @@ def document_frequencies(token_lists: Sequence[Sequence[int]], vocab_size: int) 
     return df
 
 
+class BM25:
+    """Okapi BM25 (k1 1.2, b 0.75) over documents given as token ids, exact (an inverted index of precomputed
+    term weights, every posting scored). IDF is m3lite.retrieval's, the bank embedder's formula
+    log(1 + (N - df + 0.5) / (df + 0.5)), so specials and tokens absent from every document weigh nothing. A
+    query is its set of distinct tokens (a repeated word counts once). A bank's text search (`Bank.lexical_search`),
+    the baseline of `m3lite eval` and the trainer's retrieval at data-preparation time."""
+
+    def __init__(self, documents: Sequence[Sequence[int]], vocab_size: int, k1: float = 1.2, b: float = 0.75):
+        lengths = np.array([len(d) for d in documents], np.int64)
+        flat = (np.concatenate([np.asarray(d, np.int64) for d in documents]) if len(documents)
+                else np.zeros(0, np.int64))
+        self._build(flat, lengths, vocab_size, k1, b)
+
+    @classmethod
+    def from_references(cls, ids: np.ndarray, n_tokens: np.ndarray, vocab_size: int | None = None,
+                        k1: float = 1.2, b: float = 0.75) -> "BM25":
+        """References given as one token array `ids` (reference i: its n_tokens[i] ids after reference i - 1's,
+        <ref> first); each reference's <ref> is dropped. The vocabulary defaults to the largest id + 1."""
+        self = cls.__new__(cls)
+        ids, n_tokens = np.asarray(ids, np.int64), np.asarray(n_tokens, np.int64)
+        keep = np.ones(len(ids), bool)
+        keep[(np.cumsum(n_tokens) - n_tokens)[n_tokens > 0]] = False
+        V = vocab_size if vocab_size is not None else (int(ids.max()) + 1 if ids.size else 1)
+        self._build(ids[keep], np.maximum(n_tokens - 1, 0), V, k1, b)
+        return self
+
+    def _build(self, flat: np.ndarray, lengths: np.ndarray, vocab_size: int, k1: float, b: float) -> None:
+        """Documents as one token array `flat` and their `lengths` (document i follows document i - 1)."""
+        self.n = n = len(lengths)
+        self.vocab_size = V = vocab_size
+        flat = np.asarray(flat, np.int64)
+        docs = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        ok = (flat >= 0) & (flat < V)
+        keys, tf = np.unique(docs[ok] * V + flat[ok], return_counts=True)
+        d, t = keys // V, keys % V
+        df = np.bincount(t, minlength=V)
+        self.idf = idf_from_counts(df, n)
+        avg = max(float(lengths.mean()) if n else 1.0, 1.0)
+        w = self.idf[t] * tf * (k1 + 1) / (tf + k1 * (1 - b + b * lengths[d] / avg))
+        order = np.argsort(t, kind="stable")
+        self.post_doc = d[order].astype(np.int64)
+        self.post_w = w[order].astype(np.float64)
+        self.indptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)
+
+    def scores(self, query: Sequence[int]) -> np.ndarray:
+        """The BM25 score of every document for `query` [n] (float64)."""
+        q = np.asarray(query, np.int64)
+        u = np.unique(q[(q >= 0) & (q < self.vocab_size)])
+        u = u[self.idf[u] > 0]
+        starts, ends = self.indptr[u], self.indptr[u + 1]
+        lens = ends - starts
+        if lens.sum() == 0:
+            return np.zeros(self.n)
+        idx = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
+        return np.bincount(self.post_doc[idx], weights=self.post_w[idx], minlength=self.n)
+
+    def ranked(self, query: Sequence[int], n_best: int) -> np.ndarray:
+        """Up to `n_best` documents with a positive score, best first (equal scores: lower index first)."""
+        s = self.scores(query)
+        cand = np.flatnonzero(s > 0)
+        if len(cand) > n_best:
+            cut = np.partition(s[cand], len(cand) - n_best)[len(cand) - n_best]
+            cand = cand[s[cand] >= cut]
+        return cand[np.lexsort((cand, -s[cand]))][:n_best]
+
+
 class Embedder:
     """text tokens -> unit vector [dim]: IDF-weighted mean of the model's token embeddings."""
 

@@ -456,3 +456,42 @@ def test_sigkill_at_random_points(tok, tmp_path):
         assert b.search(q, 1, exact=False)[0][0] == i
     leftovers = [x.name for x in bank_path.iterdir() if x.name.endswith(".tmp")]
     assert leftovers == []
+
+
+# ---------------------------------------------------------------------------------------------- lexical search
+
+
+def test_lexical_search_finds_by_words_skips_removed_and_survives_reopen(tok, tmp_path):
+    """BM25 over the stored tokens: a document's rare words find it first; removed references and `skip`ped
+    ones are never returned; the tokens are checked by verify(); a version-1 bank is refused with 'rebuild'."""
+    docs = make_docs(30, seed=3)
+    special = Document("zz", "Zebra", "The quick zebra jumps over seven lazy volcanoes.\n\nZebras eat grass.", "test")
+    b = new_bank(tmp_path / "bank")
+    b.add(docs + [special], fake_encode, fake_embed, tok, 32)
+    mine = [i for i in range(b.count) if b.reference(i)["doc_id"] == "zz"]
+    q = tok.encode("zebra volcanoes")
+    ids, sc = b.lexical_search(q, 3)
+    assert ids[0] in mine and len(ids) <= 3 and np.all(np.diff(sc) <= 0) and sc[0] > 0
+    # the stored tokens are the reference's own (with <ref> first)
+    ref = b.reference(int(ids[0]))
+    assert ref["n_tokens"] == len(chunk_document(special, tok, 32)[mine.index(int(ids[0]))].ids)
+    # skip and removal
+    assert not set(b.lexical_search(q, 5, skip=mine)[0]) & set(mine)
+    assert len(b.lexical_search([], 5)[0]) == 0  # nothing matches an empty query
+    b.remove("zz")
+    b2 = Bank.open(tmp_path / "bank")
+    assert not set(b2.lexical_search(q, 5)[0]) & set(mine)
+    assert b2.verify()["ok"]
+    # tokens.u32 is checksummed like every data file
+    data = (tmp_path / "bank" / "tokens.u32").read_bytes()
+    (tmp_path / "bank" / "tokens.u32").write_bytes(data[:-4] + b"\xff\xff\xff\xff")
+    with pytest.raises(BankError) as e:
+        Bank.open(tmp_path / "bank").verify()
+    assert "tokens.u32" in one_line_error(e)
+    (tmp_path / "bank" / "tokens.u32").write_bytes(data)
+    man = json.loads((tmp_path / "bank" / "manifest.json").read_text())
+    man["version"] = 1
+    (tmp_path / "bank" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BankError) as e:
+        Bank.open(tmp_path / "bank")
+    assert "rebuild" in one_line_error(e)

@@ -161,9 +161,10 @@ def test_eval_command_json_and_report(evalbank, tmp_path):
         assert set(d) == {"exact_match", "f1", "ttft_ms", "decode_tokens_per_s"}
         assert 0 <= d["exact_match"] <= d["f1"] <= 1  # an exact match is an F1 of 1
         assert d["ttft_ms"] > 0
-    assert set(res["recall_at_5"]) == {"own", "bm25"}
+    assert set(res["recall_at_5"]) == {"lexical", "dense", "bm25"}
     assert all(0 <= v <= 1 for v in res["recall_at_5"].values())
     assert res["recall_at_5"]["bm25"] == 1.0  # 3 articles' worth of references: each question names its title
+    assert res["recall_at_5"]["lexical"] == 1.0  # the bank's own BM25 over its stored tokens
     pp = res["perplexity"]
     assert pp["summaries"] == N_ARTICLES and pp["tokens"] > 100
     assert 1 < pp["none"] < 10 * 512 and 1 < pp["memory"] < 10 * 512  # a random model: about the vocab size

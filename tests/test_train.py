@@ -133,7 +133,7 @@ def test_bm25_and_batches():
     refs = D.ReferenceSet(ids=np.array([REF, 10, 11, 12, REF, 20, 21, REF, 10, 30], np.int32),
                           offsets=np.array([0, 4, 7, 10]), doc=np.array([0, 1, 2], np.int32),
                           titles=np.array(["a", "b", "c"]))
-    bm = D.BM25(refs, 64)
+    bm = D.reference_bm25(refs, 64)
     assert bm.ranked([20, 21, 99], 3).tolist() == [1]
     assert bm.ranked([10, 11], 3).tolist() == [0, 2]
     # batches: a pure function of the step; ranks split the global batch
