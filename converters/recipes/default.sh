@@ -20,8 +20,8 @@ stage() {
 }
 
 # ~1.1M training tokens of English wiki summaries plus ~0.5M of Debian's dictionaries (when installed) at vocab
-# 8192; 900 x 16 x 256 = 3.7M tokens (35-60 min on 2 cores)
-stage warmup --preset default --corpus wiki:en,dict --dict-max-chars 2000000 --steps 900 --batch 16 \
+# 8192; 700 x 16 x 256 = 2.9M tokens (35-60 min on 2 cores)
+stage warmup --preset default --corpus wiki:en,dict --dict-max-chars 2000000 --steps 700 --batch 16 \
   --seq-len 256 --lr 1e-3 --warmup-steps 100 --schedule wsd --save-every 100
 # continual training with memory: each 64-token chunk attends to 5 references encoded in the forward pass
 stage memory --model "$RUNS/warmup" --steps 200 --batch 16 --seq-len 256 --lr 5e-4 --warmup-steps 20 \
@@ -33,4 +33,6 @@ python -m converters.train export "$RUNS/sft" --out "$OUT" --dtype float16   # 1
 
 # evaluation on the held-out 10% (never seen in any stage, tokenizer included)
 m3lite bank build wiki:en:heldout --out "$RUNS/eval-bank" --model "$OUT"   # resumes; skips what it holds
-m3lite eval --model "$OUT" --bank "$RUNS/eval-bank" --report "$RUNS/eval.md"
+m3lite eval --model "$OUT" --bank "$RUNS/eval-bank" --limit 400 --report "$RUNS/eval.md" --json > "$RUNS/eval.json"
+# the card: shape, data, tokens and wall time per stage, loss curves, the eval table and the goals
+python -m converters.model_card --runs "$RUNS" --model "$OUT" --eval "$RUNS/eval.json"
