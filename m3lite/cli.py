@@ -51,6 +51,10 @@ def _echo_json(obj) -> None:
     typer.echo(json.dumps(obj, ensure_ascii=False))
 
 
+WEIGHTS_HELP = ("fp32, or int8 (Q8_0 blocks; quantized once and cached, see `m3lite quantize`); default: int8 if "
+                "the model directory holds int8 weights, else fp32. The numba engine only.")
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The text to continue."),
@@ -63,12 +67,13 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
     stop: Optional[list[str]] = typer.Option(None, help="Stop when this text appears (repeatable)."),
     backend: str = typer.Option("numba", help="numba (the m3lite engine) or onnxruntime."),
+    weights: Optional[str] = typer.Option(None, help=WEIGHTS_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with text, tokens and speeds."),
 ) -> None:
     """Continue PROMPT with the model, streaming the text as it is produced."""
     from .model import Model
 
-    m = Model.load(_model_dir(model))
+    m = Model.load(_model_dir(model), weights=weights)
     pieces = m.generate(prompt, max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repeat_penalty, seed=seed, stop=stop or (), stream=True,
                         backend=backend)
@@ -117,6 +122,25 @@ def info(
     typer.echo(f"parameters   {d['params']:,} ({d['params'] / 1e6:.2f} M)")
     typer.echo(f"disk         {d['disk_bytes']:,} bytes ({d['disk_bytes'] / 2**20:.1f} MiB), {', '.join(d['dtype'])}")
     typer.echo(f"fingerprint  {d['fingerprint']}")
+
+
+@app.command()
+def quantize(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write a copy of the model with int8 weights "
+                                       "here (a new or empty folder) instead of adding them to the model's own."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Store int8 weights (blocks of 32 with a float16 scale, llama.cpp's Q8_0) in a model directory, which then
+    runs int8 by default (`--weights fp32` still runs the float weights)."""
+    from .quantize import quantize_model
+
+    d = quantize_model(_model_dir(model), out)
+    if as_json:
+        _echo_json(d)
+        return
+    typer.echo(f"{d['model']}: int8 weights in {d['file']}, {d['int8_bytes']:,} bytes for {d['fp32_bytes']:,} "
+               f"bytes of fp32 matrices, in {d['seconds']:.1f} s")
 
 
 BANK_HELP = "Bank directory (made by `m3lite bank build`)."
@@ -353,6 +377,61 @@ def ask(
             _print_reference(n, ref)
 
 
+CHAT_BANK_HELP = (BANK_HELP + " Default without --model: the Wikipedia summaries, built into the cache on first "
+                  "use; with --model and no --bank: the plain model.")
+MODE_HELP = ("memory (explicit memories; the default with a bank), rag (references in the prompt) or none (the "
+             "default without a bank).")
+
+
+def _chat_bank(m, model: Optional[Path], bank: Optional[Path], mode: Optional[str]) -> Optional[Path]:
+    """--bank, else the default bank without --model (or when --mode asks for one), else None (plain model)."""
+    from .memory import check_mode
+
+    if mode is not None:
+        check_mode(mode)
+    if bank is None and mode != "none" and (model is None or mode is not None):
+        return _default_bank(m, model, quiet=False)
+    return bank
+
+
+@app.command()
+def chat(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    bank: Optional[Path] = typer.Option(None, "--bank", "-b", help=CHAT_BANK_HELP),
+    mode: Optional[str] = typer.Option(None, help=MODE_HELP),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens in an answer (/max)."),
+    temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0 is greedy (/temp)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+) -> None:
+    """Talk with the model in the terminal: streamed answers with their sources, multi-turn; /help inside lists
+    the commands (/mode, /bank, /sources, /temp, /max, /reset, /save, /load, /stats, /quit)."""
+    from .chat_cli import run_chat
+    from .model import Model
+
+    m = Model.load(_model_dir(model))
+    run_chat(m, _chat_bank(m, model, bank, mode), mode, max_new_tokens=max_tokens, temperature=temperature,
+             seed=seed)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on: 127.0.0.1 accepts this machine only; "
+                             "0.0.0.0 accepts any network (there is no authentication)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port; 0 picks a free one."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    bank: Optional[Path] = typer.Option(None, "--bank", "-b", help=CHAT_BANK_HELP),
+    mode: Optional[str] = typer.Option(None, help="The requests' default mode: " + MODE_HELP),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions
+    (streaming or not), /v1/embeddings and /v1/banks/search. Requests are answered one at a time."""
+    from .model import Model
+    from .server import serve as run_server
+
+    m = Model.load(_model_dir(model))
+    run_server(m, _chat_bank(m, model, bank, mode), host=host, port=port, mode=mode,
+               log=lambda s: typer.echo(s, err=True))
+
+
 @app.command("eval")
 def eval_(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
@@ -386,6 +465,36 @@ def eval_(
     typer.echo(markdown_table(res), nl=False)
     if report is not None:
         typer.echo(f"\nwrote {res['report']['markdown']} and {res['report']['chart']}")
+
+
+@app.command()
+def bench(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model directory to measure."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Measure a random model of this preset instead "
+                                         "(tiny, default, bench-110m, bench-1b), made once in the cache."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per figure; the median is reported."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the table to FILE.md."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Measure m3lite against llama.cpp, onnxruntime and PyTorch on the same weights: prefill and decode
+    tokens/s, time to first token, peak RSS, memory/rag modes and the memory-bandwidth roofline. Each runtime
+    runs in its own process; the ones not installed are reported as skipped. Run it on a quiet machine."""
+    from .bench import check_report_path, markdown_table, run_bench, write_report
+
+    if report is not None:
+        check_report_path(report)  # a bad path fails now, not after the run
+    if model is None and preset is None:
+        model = _model_dir(None)
+    with _progress_bar("bench", quiet=as_json) as progress:
+        res = run_bench(model=model, preset=preset, repeats=repeats, progress=progress)
+    if report is not None:
+        res["report"] = str(write_report(res, report))
+    if as_json:
+        _echo_json(res)
+        return
+    typer.echo(markdown_table(res), nl=False)
+    if report is not None:
+        typer.echo(f"\nwrote {res['report']}")
 
 
 def main() -> None:

@@ -3,7 +3,10 @@
 The state is spelled out like llama2.c's RunState: weights, the KV cache and every scratch buffer are set up
 once in `Engine.__init__`. The math is float32. Float32 weights are read-only views of the memory-mapped model
 file, never copied; float16 weights (a model exported with dtype="float16") are widened to float32 once, at
-load, into a private copy: float16 files save disk, not RAM (int8 weights will come with their own kernels).
+load, into a private copy: float16 files save disk, not RAM. With int8 weights (`m3lite.quantize`, llama.cpp's
+Q8_0 blocks) every projection and the output head run the int8 kernels of `kernels.q8` instead, in decode
+(integer dot products) and in prefill / reference encoding (the same int8 x int8 function as fp32 GEMMs over
+dequantized tiles); embeddings and norms stay float.
 
 KV cache layout, per layer and kv head, in slots::
 
@@ -30,59 +33,107 @@ import math
 
 import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .config import ModelConfig
 from .errors import BadArgument
-from .kernels import (accumulate_prefix_attention, attention_decode, attention_prefill, matvec, matvec_acc,
-                      matvec_qkv, matvec_swiglu, reference_attention, rmsnorm, rmsnorm_rows, rope, rope_rows,
+from .kernels import (accumulate_prefix_attention, attention_group, attention_prefill, reference_attention,
+                      rmsnorm, rmsnorm_rows, rope_rows,
                       rope_rows_at, rope_tables, select_tokens, selection_scores, silu_mul)
+from .kernels.q8 import QK, matmul_q8, padded, quantize_act, rows, rows_swiglu
+from .kernels.sync import STATE_SIZE, barrier, part
 from .modelfile import tensor_shapes
 from .threads import default_threads
 
 PREFILL_CHUNK = 128  # tokens per prefill block: enough rows for efficient GEMMs, scratch stays small
 ENCODE_TOKENS = 2048  # tokens (of several references, packed) per encode block
 REF_ID = 4  # the <ref> token that starts every reference (converters.tokenizer.REF)
+Q8_TILE_BYTES = 1 << 20  # int8 prefill: weights dequantized per BLAS GEMM (a tile that stays in L2)
+LINEAR = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")  # the per-layer projections, in the decode step's order
 
 
-@njit(cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def _decode_step(token, slot, pos, attn_start, eps, scale, n_rep,
                  emb, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2, norm, out_w,
                  cos, sin, k_cache, v_cache,
                  x, xb, q, k, v, att, att_totals, ao, hb, logits,
-                 track, prefix_end, mass, mass_total):
-    """The whole forward pass of one token, all layers; writes logits [V]. Parallelism lives in the kernels
-    (prange over matrix rows and attention heads); this function itself allocates nothing.
+                 track, prefix_end, mass, mass_total, q8, qw, qs, q_out, s_out, xq, xs, sync):
+    """The whole forward pass of one token, all layers; writes logits [V]. Allocates nothing.
+
+    One parallel region: thread t of T takes its share of the rows of every projection and of the kv heads in
+    attention, and `barrier(sync, T)` separates the phases (numba would launch a thread team per prange, ~40
+    per token, each launch costing about what a layer of a small model computes). T = xb.shape[0] must be
+    numba's thread count (the caller sets it): the barriers wait for every thread. xb, xq, xs are per-thread
+    scratch rows: each thread normalises (and, for int8, quantizes) the whole input of a projection itself, so
+    only the outputs are shared.
 
     Prefix-attention tracking: at each layer l with track[l], the softmax weights of every query head on the
     prefix slots [attn_start[l, g], prefix_end) are added to mass [prefix_end] (float64) and n_heads (the
-    softmax mass of the layer) to mass_total[0]."""
-    dim = x.shape[0]
+    softmax mass of the layer) to mass_total[0].
+
+    q8 runs the int8 weights qw / qs (tuples in LINEAR order; q_out / s_out the head); else the fp32 ones
+    (the other set is a placeholder)."""
+    T = xb.shape[0]
+    sync[:] = 0
+    for t in prange(T):
+        _decode_thread(t, T, token, slot, pos, attn_start, eps, scale, n_rep, emb, attn_norm, wq, wk, wv, wo,
+                       ffn_norm, w1, w3, w2, norm, out_w, cos, sin, k_cache, v_cache, x, xb[t], q, k, v, att,
+                       att_totals, ao, hb, logits, track, prefix_end, mass, mass_total, q8, qw, qs, q_out, s_out,
+                       xq[t], xs[t], sync)
+
+
+@njit(cache=True, error_model="numpy")
+def _decode_thread(t, T, token, slot, pos, attn_start, eps, scale, n_rep,
+                   emb, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2, norm, out_w,
+                   cos, sin, k_cache, v_cache,
+                   x, xb, q, k, v, att, att_totals, ao, hb, logits,
+                   track, prefix_end, mass, mass_total, q8, qw, qs, q_out, s_out, xq, xs, sync):
+    """Thread t's part of `_decode_step` (xb, xq, xs: its own scratch)."""
     n_kv = k_cache.shape[1]
-    hd = k_cache.shape[3]
-    for i in range(dim):
-        x[i] = emb[token, i]
+    nq, nk = q.shape[0], k.shape[0]
+    D, F = x.shape[0], hb.shape[0]
+    if t == 0:
+        for i in range(D):
+            x[i] = emb[token, i]
+    barrier(sync, T)
     for l in range(attn_norm.shape[0]):
         rmsnorm(x, attn_norm[l], eps, xb)
-        matvec_qkv(wq[l], wk[l], wv[l], xb, q, k, v)
-        rope(q, hd, cos[pos], sin[pos])
-        rope(k, hd, cos[pos], sin[pos])
-        for h in range(n_kv):
-            kc = k_cache[l, h, slot]
-            vc = v_cache[l, h, slot]
-            for i in range(hd):
-                kc[i] = k[h * hd + i]
-                vc[i] = v[h * hd + i]
-        attention_decode(q, k_cache[l], v_cache[l], attn_start[l], slot + 1, n_rep, scale, att, ao, att_totals)
-        if track[l]:
+        if q8:
+            quantize_act(xb, xq, xs)
+        r0, r1 = part(nq + 2 * nk, t, T)  # q, k and v rows as one range
+        rows(q8, False, wq[l], qw[0][l], qs[0][l], xb, xq, xs, q, min(r0, nq), min(r1, nq))
+        rows(q8, False, wk[l], qw[1][l], qs[1][l], xb, xq, xs, k, min(max(r0 - nq, 0), nk),
+             min(max(r1 - nq, 0), nk))
+        rows(q8, False, wv[l], qw[2][l], qs[2][l], xb, xq, xs, v, max(r0 - nq - nk, 0), max(r1 - nq - nk, 0))
+        barrier(sync, T)
+        for g in range(t, n_kv, T):
+            attention_group(q, k, v, k_cache[l], v_cache[l], g, attn_start[l, g], slot, n_rep, scale, cos[pos],
+                            sin[pos], att, ao, att_totals)
+        barrier(sync, T)
+        if track[l] and t == 0:  # att is next written after two more barriers
             accumulate_prefix_attention(att, att_totals, attn_start[l], prefix_end, n_rep, mass)
             mass_total[0] += att.shape[0]
-        matvec_acc(wo[l], ao, x)
+        if q8:
+            quantize_act(ao, xq, xs)
+        r0, r1 = part(D, t, T)
+        rows(q8, True, wo[l], qw[3][l], qs[3][l], ao, xq, xs, x, r0, r1)
+        barrier(sync, T)
         rmsnorm(x, ffn_norm[l], eps, xb)
-        matvec_swiglu(w1[l], w3[l], xb, hb)
-        matvec_acc(w2[l], hb, x)
+        if q8:
+            quantize_act(xb, xq, xs)
+        r0, r1 = part(F, t, T)
+        rows_swiglu(q8, w1[l], w3[l], qw[4][l], qs[4][l], qw[5][l], qs[5][l], xb, xq, xs, hb, r0, r1)
+        barrier(sync, T)
+        if q8:
+            quantize_act(hb, xq, xs)
+        r0, r1 = part(D, t, T)
+        rows(q8, True, w2[l], qw[6][l], qs[6][l], hb, xq, xs, x, r0, r1)
+        barrier(sync, T)
     rmsnorm(x, norm, eps, xb)
-    matvec(out_w, xb, logits)
+    if q8:
+        quantize_act(xb, xq, xs)
+    r0, r1 = part(logits.shape[0], t, T)
+    rows(q8, False, out_w, q_out, s_out, xb, xq, xs, logits, r0, r1)
 
 
 @njit(cache=True, error_model="numpy")
@@ -111,12 +162,14 @@ class Engine:
     `ModelFiles.weights` (names and shapes of `tensor_shapes(cfg)`): float32 arrays are used in place (zero
     copy), float16 ones are widened to a float32 copy here (exact; it costs the float32 size in RAM);
     max_ctx defaults to cfg.max_seq_len context tokens; prefix_capacity reserves cache slots for explicit
-    memories.
+    memories. q8 (optional, `m3lite.quantize.Q8Weights.tensors`): int8 weights {name: (values int8 [..., n, kp],
+    scales [..., n, kp / 32])} for the projections and "output" (the head), run instead of the float ones,
+    which are then neither read nor copied.
     Context token i sits at RoPE position `pos_offset + i` (`pos_offset` is a plain attribute, default 0).
     """
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, np.ndarray], max_ctx: int | None = None,
-                 prefix_capacity: int = 0, n_threads: int | None = None):
+                 prefix_capacity: int = 0, n_threads: int | None = None, q8: dict | None = None):
         self.cfg = cfg
         self.max_ctx = int(cfg.max_seq_len if max_ctx is None else max_ctx)
         self.prefix_capacity = int(prefix_capacity)
@@ -132,11 +185,14 @@ class Engine:
         missing = sorted(set(want) - set(weights))
         if missing:
             raise BadArgument(f"weights do not match the config: missing {', '.join(missing)}")
+        self.q8 = q8 is not None
         w = {}
         for name, shape in want.items():
             a = np.asarray(weights[name])
             if tuple(a.shape) != shape:
                 raise BadArgument(f"weight {name} has shape {tuple(a.shape)}, the config needs {shape}")
+            if self.q8 and (name in LINEAR or name == "output"):
+                continue  # int8 runs them
             if a.dtype == np.float16:
                 a = a.astype(np.float32)  # exact; C-contiguous
             elif a.dtype != np.float32:
@@ -148,14 +204,28 @@ class Engine:
         self.weights = w
         self.tok_embeddings = w["tok_embeddings"]
         self.attention_norm = w["attention_norm"]
-        self.wq, self.wk, self.wv, self.wo = w["wq"], w["wk"], w["wv"], w["wo"]
         self.ffn_norm = w["ffn_norm"]
-        self.w1, self.w3, self.w2 = w["w1"], w["w3"], w["w2"]
         self.norm = w["norm"]
-        self.output = w["tok_embeddings"] if cfg.tie_embeddings else w["output"]
-
         L, D, hd = cfg.n_layers, cfg.dim, cfg.hd
         n_kv, F, V = cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size
+        # the weight set not run is a placeholder of the same type: fp32 and int8 share one compiled decode step
+        f3, f2 = _readonly(np.zeros((L, 0, 0), np.float32)), _readonly(np.zeros((0, 0), np.float32))
+        self.wq, self.wk, self.wv, self.wo, self.w1, self.w3, self.w2 = (w.get(n, f3) for n in LINEAR)
+        self.output = f2 if self.q8 else w["tok_embeddings"] if cfg.tie_embeddings else w["output"]
+        self.q8_weights = self._check_q8(q8, want) if self.q8 else {
+            n: (_readonly(np.zeros((L, 0, 0), np.int8)), f3) for n in LINEAR} | {
+            "output": (_readonly(np.zeros((0, 0), np.int8)), f2)}
+        kmax = padded(max(D, cfg.q_dim, F))
+        T = self.n_threads
+        self.xb = np.zeros((T, D), np.float32)  # decode scratch of each thread: the normed input of a projection,
+        self.xq = np.zeros((T, kmax), np.int16)  # and (int8) the same quantized
+        self.xs = np.zeros((T, kmax // QK), np.float32)
+        self.sync = np.zeros(STATE_SIZE, np.int64)  # the decode step's barrier
+        self._q8_args = (tuple(self.q8_weights[n][0] for n in LINEAR), tuple(self.q8_weights[n][1] for n in LINEAR),
+                         *self.q8_weights["output"], self.xq, self.xs, self.sync)
+        self._q8_x = np.zeros(0, np.float32)  # int8 prefill scratch: rounded activations, dequantized tiles
+        self._q8_tile = np.zeros(max(Q8_TILE_BYTES // 4, 8 * kmax) if self.q8 else 0, np.float32)
+
         self.n_rep = cfg.n_heads // cfg.n_kv_heads
         self.scale = 1.0 / math.sqrt(hd)
         self.eps = float(cfg.norm_eps)
@@ -172,7 +242,6 @@ class Engine:
 
         # decode scratch (one token)
         self.x = np.zeros(D, np.float32)
-        self.xb = np.zeros(D, np.float32)
         self.q = np.zeros(cfg.q_dim, np.float32)
         self.k = np.zeros(cfg.kv_dim, np.float32)
         self.v = np.zeros(cfg.kv_dim, np.float32)
@@ -203,6 +272,24 @@ class Engine:
         self.ph1 = np.zeros((C, F), np.float32)
         self.ph3 = np.zeros((C, F), np.float32)
         self.pscores = np.zeros((C, self.capacity), np.float32)
+
+    @staticmethod
+    def _check_q8(q8: dict, want: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        for name in LINEAR + ("output",):
+            shape = want["tok_embeddings" if name == "output" and "output" not in want else name]
+            if name not in q8:
+                raise BadArgument(f"int8 weights lack {name}")
+            values, scales = (np.asarray(a) for a in q8[name])
+            kp = padded(shape[-1])
+            if values.shape != shape[:-1] + (kp,) or scales.shape != shape[:-1] + (kp // QK,) \
+                    or values.dtype != np.int8 or scales.dtype not in (np.float16, np.float32):
+                raise BadArgument(f"int8 weight {name} is {values.dtype} {values.shape} with {scales.dtype} scales "
+                                  f"{scales.shape}; the config needs int8 {shape[:-1] + (kp,)} with float scales "
+                                  f"{shape[:-1] + (kp // QK,)}")
+            out[name] = (_readonly(np.ascontiguousarray(values)),
+                         _readonly(np.ascontiguousarray(scales, dtype=np.float32)))
+        return out
 
     # ---- state -------------------------------------------------------------------------------------------
 
@@ -315,7 +402,7 @@ class Engine:
                      self.ffn_norm, self.w1, self.w3, self.w2, self.norm, self.output, self.cos, self.sin,
                      self.k_cache, self.v_cache, self.x, self.xb, self.q, self.k, self.v, self.att,
                      self.att_totals, self.ao, self.hb, self.logits, self.track, self.prefix_capacity,
-                     self.prefix_mass, self.prefix_mass_total)
+                     self.prefix_mass, self.prefix_mass_total, self.q8, *self._q8_args)
         self._n_past += 1
         return self.logits.copy()
 
@@ -343,20 +430,37 @@ class Engine:
             c1 = min(n, c0 + self.chunk)
             xn = self._prefill_block(ids[c0:c1])
             if out is not None:
-                np.matmul(xn, self.output.T, out=out[c0:c1])
+                self._mm(xn, "output", 0, out[c0:c1])
         if out is not None:
             return out
-        return np.matmul(self.output, xn[-1])
+        if not self.q8:
+            return np.matmul(self.output, xn[-1])
+        last = np.empty((1, V), np.float32)
+        self._mm(xn[-1:], "output", 0, last)
+        return last[0]
+
+    def _mm(self, x: np.ndarray, kind: str, l: int, out: np.ndarray) -> None:
+        """out = x @ W.T on rows of tokens, for the projection `kind` of layer l or the head ("output")."""
+        if not self.q8:
+            np.matmul(x, (self.output if kind == "output" else getattr(self, kind)[l]).T, out=out)
+            return
+        values, scales = self.q8_weights[kind]
+        if kind != "output":
+            values, scales = values[l], scales[l]
+        m, k = x.shape
+        if self._q8_x.shape[0] < m * k:
+            self._q8_x = np.empty(m * k, np.float32)
+        matmul_q8(x, values, scales, out, self._q8_x[:m * k].reshape(m, k), self._q8_tile)
 
     def _out_and_mlp_rows(self, l: int, ao, x, xb, h1, h3) -> None:
         """Rows of tokens: x += wo @ attention output, then x += the SwiGLU MLP of rmsnorm(x) (in place)."""
-        np.matmul(ao, self.wo[l].T, out=xb)
+        self._mm(ao, "wo", l, xb)
         x += xb
         rmsnorm_rows(x, self.ffn_norm[l], self.eps, xb)
-        np.matmul(xb, self.w1[l].T, out=h1)
-        np.matmul(xb, self.w3[l].T, out=h3)
+        self._mm(xb, "w1", l, h1)
+        self._mm(xb, "w3", l, h3)
         silu_mul(h1, h3, h1)
-        np.matmul(h1, self.w2[l].T, out=xb)
+        self._mm(h1, "w2", l, xb)
         x += xb
 
     def _prefill_block(self, ids: np.ndarray) -> np.ndarray:
@@ -372,9 +476,9 @@ class Engine:
         np.take(self.tok_embeddings, ids, axis=0, out=x)
         for l in range(self.cfg.n_layers):
             rmsnorm_rows(x, self.attention_norm[l], self.eps, xb)
-            np.matmul(xb, self.wq[l].T, out=q)
-            np.matmul(xb, self.wk[l].T, out=k)
-            np.matmul(xb, self.wv[l].T, out=v)
+            self._mm(xb, "wq", l, q)
+            self._mm(xb, "wk", l, k)
+            self._mm(xb, "wv", l, v)
             rope_rows(q, hd, self.cos, self.sin, pos0)
             _store_kv(k, v, self.k_cache[l], self.v_cache[l], slot0, hd, self.cos, self.sin, pos0)
             attention_prefill(q, self.k_cache[l], self.v_cache[l], self.attn_start[l], slot0, self.n_rep,
@@ -505,10 +609,10 @@ class Engine:
         g_idx = np.arange(G)[None, :, None]
         for l in range(last + 1):
             rmsnorm_rows(x, self.attention_norm[l], self.eps, xb)
-            np.matmul(xb, self.wk[l].T, out=k)
-            np.matmul(xb, self.wv[l].T, out=v)
+            self._mm(xb, "wk", l, k)
+            self._mm(xb, "wv", l, v)
             if l < last or select:
-                np.matmul(xb, self.wq[l].T, out=q)
+                self._mm(xb, "wq", l, q)
             li = slot_of.get(l)
             if li is not None:
                 if select:

@@ -13,6 +13,7 @@ from .errors import BadArgument, BusyError
 from .kernels.sampling import sample
 from .generate import GenerationResult, SamplingParams, stream as _stream
 from .modelfile import ModelFiles
+from .quantize import check_weights, load as load_q8, resolve_weights
 from .tokenizer import Tokenizer
 
 BACKENDS = ("numba", "onnxruntime")
@@ -22,10 +23,15 @@ class Model:
     """A loaded model: config, tokenizer, memory-mapped weights and lazily built backends.
 
     One generation at a time per Model; a second concurrent call raises BusyError.
+    `weights` ("fp32" or "int8"; default int8 when the model directory holds int8 weights, see
+    `m3lite.quantize`) is what the numba backend runs; onnxruntime always runs the float graph.
     """
 
-    def __init__(self, files: ModelFiles, n_threads: int | None = None):
+    def __init__(self, files: ModelFiles, n_threads: int | None = None, weights: str | None = None,
+                 verify: bool = True):
         self.files = files
+        self.weights = resolve_weights(weights, files)
+        self._q8 = load_q8(files, verify=verify) if self.weights == "int8" else None
         self.config: ModelConfig = files.config
         self.tokenizer = Tokenizer(files.tokenizer_path)
         if self.tokenizer.vocab_size != self.config.vocab_size:
@@ -37,8 +43,10 @@ class Model:
         self.last_result: GenerationResult | None = None
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, verify: bool = True, n_threads: int | None = None) -> "Model":
-        return cls(ModelFiles.open(model_dir, verify=verify), n_threads=n_threads)
+    def load(cls, model_dir: str | os.PathLike, verify: bool = True, n_threads: int | None = None,
+             weights: str | None = None) -> "Model":
+        check_weights(weights)  # a bad name fails before the model is read
+        return cls(ModelFiles.open(model_dir, verify=verify), n_threads=n_threads, weights=weights, verify=verify)
 
     @property
     def fingerprint(self) -> str:
@@ -49,11 +57,7 @@ class Model:
             raise BadArgument(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if backend not in self._engines:
             if backend == "numba":
-                from .engine import Engine
-
-                c = self.config
-                self._engines[backend] = Engine(c, self.files.weights, n_threads=self.n_threads,
-                                                prefix_capacity=1 + c.retrieval_top_k * c.memory_tokens_per_head)
+                self._engines[backend] = self._numba_engine(self.files.weights)
             else:
                 from .ort_backend import OrtEngine
 
@@ -66,6 +70,19 @@ class Model:
             eng.reset()
             sample(logits, 0.8, 40, 0.95, 1.1, np.zeros(1, np.int64), 1, 0.5)
         return self._engines[backend]
+
+    def _numba_engine(self, weights):
+        from .engine import Engine
+
+        c = self.config
+        return Engine(c, weights, n_threads=self.n_threads,
+                      prefix_capacity=1 + c.retrieval_top_k * c.memory_tokens_per_head,
+                      q8=self._q8.tensors if self._q8 is not None else None)
+
+    def new_engine(self):
+        """A numba Engine with its own KV cache over this model's weights (those of `engine()`, shared, not
+        copied): for a caller that keeps its context between generations, as `Chat` does."""
+        return self._numba_engine(self.engine("numba").weights)
 
     def _ids(self, token_ids) -> np.ndarray:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
@@ -98,7 +115,11 @@ class Model:
 
         stream=False returns the text; stream=True returns an iterator of text pieces. After the call (or the
         iteration) `model.last_result` holds tokens, finish reason and timings. `cancel` is an optional
-        callable (e.g. `threading.Event().is_set`) that stops the generation when it returns True.
+        callable (e.g. `threading.Event().is_set`) that stops the generation when it returns True: it is
+        checked before every token, so another thread (a desktop app's Stop button) can call `event.set()`
+        and the generation ends at the next token with finish reason "cancelled". Closing the stream's
+        iterator stops it too. One generation at a time per Model: a second one, from any thread, raises
+        BusyError while the first runs (or while its stream is open and not exhausted).
         """
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()))
@@ -112,6 +133,12 @@ class Model:
         for _ in it:
             pass
         return self.last_result.text
+
+    def chat(self, bank=None, mode: str | None = None, **settings):
+        """A conversation with this model (an `m3lite.Chat`), optionally over `bank`; see `m3lite.chat`."""
+        from .chat import Chat
+
+        return Chat(self, bank=bank, mode=mode, **settings)
 
     def memory_session(self, bank, mode: str | None, backend: str = "numba"):
         """A MemorySession for `bank` in `mode`, or None for the plain model."""

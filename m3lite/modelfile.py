@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,14 @@ def fingerprint(cfg: ModelConfig, weights_sha: str, tokenizer_sha: str) -> str:
     return h.hexdigest()[:32]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a part (tmp + fsync + rename)."""
+@contextmanager
+def _atomic_file(path: Path):
+    """An open binary file whose content replaces `path` when the block ends (tmp + fsync + rename); readers see
+    the old or the new content, never a part. An exception leaves `path` as it was."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -91,6 +94,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if tmp.exists():
             tmp.unlink()
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old or the new content, never a part (tmp + fsync + rename)."""
+    with _atomic_file(path) as f:
+        f.write(data)
+
+
+def write_aligned(path: Path, arrays) -> tuple[dict[str, int], int, str]:
+    """Write the arrays of `arrays` ((key, C-contiguous little-endian array) pairs, consumed one at a time so a
+    generator can make each just before it is written) to `path`, each at an ALIGN-aligned offset, atomically
+    (tmp + fsync + rename). Returns ({key: offset}, size, sha256)."""
+    offsets: dict[str, int] = {}
+    offset = 0
+    h = hashlib.sha256()
+    with _atomic_file(path) as f:
+        for key, a in arrays:
+            pad = b"\0" * ((-offset) % ALIGN)
+            for chunk in (pad, memoryview(a.reshape(-1)).cast("B")):  # no copy of large tensors
+                f.write(chunk)
+                h.update(chunk)
+            offset += len(pad)
+            offsets[key] = offset
+            offset += a.nbytes
+    return offsets, offset, h.hexdigest()
 
 
 def write_weights(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: dict[str, np.ndarray],
@@ -108,12 +136,9 @@ def write_weights(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: dict[st
     if set(tensors) != set(want):
         raise BadArgument(f"weights do not match the config: missing {sorted(set(want) - set(tensors))}, "
                           f"extra {sorted(set(tensors) - set(want))}")
-    index: dict[str, Any] = {}
-    tmp = out / (DATA_FILE + ".tmp")
-    offset = 0
-    h = hashlib.sha256()
     le = np.dtype(DTYPES[dtype]).newbyteorder("<")
-    with open(tmp, "wb") as f:
+
+    def stored():
         for name, shape in want.items():
             with np.errstate(over="ignore"):  # float16 overflow is refused just below
                 a = np.ascontiguousarray(tensors[name], dtype=le)
@@ -122,17 +147,11 @@ def write_weights(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: dict[st
             if dtype == "float16" and not np.isfinite(a).all():
                 raise BadArgument(f"tensor {name} has values that float16 cannot hold (beyond +-65504, or not "
                                   f"finite); export it as float32")
-            pad = b"\0" * ((-offset) % ALIGN)
-            for chunk in (pad, memoryview(a.reshape(-1)).cast("B")):  # no copy of large tensors
-                f.write(chunk)
-                h.update(chunk)
-            offset += len(pad)
-            index[name] = {"offset": offset, "shape": list(shape), "dtype": dtype}
-            offset += a.nbytes
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / DATA_FILE)
-    return {"file": DATA_FILE, "size": offset, "sha256": h.hexdigest(), "tensors": index}
+            yield name, a
+
+    offsets, size, sha = write_aligned(out / DATA_FILE, stored())
+    index = {name: {"offset": offsets[name], "shape": list(shape), "dtype": dtype} for name, shape in want.items()}
+    return {"file": DATA_FILE, "size": size, "sha256": sha, "tensors": index}
 
 
 def write_manifest(out_dir: str | os.PathLike, cfg: ModelConfig, weights_index: dict[str, Any],

@@ -11,6 +11,7 @@ from numba import float32, njit, prange
 
 from .expf import exp_softmax  # noqa: F401 (re-exported: m3lite.kernels.attention.exp_softmax)
 from .matmul import FASTMATH, dot
+from .rope import rope
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
@@ -99,6 +100,25 @@ def attention_decode(q, k_cache, v_cache, starts, end, n_rep, scale, att, out, t
         kv = h // n_rep
         totals[h] = _attend(q[h * hd:(h + 1) * hd], k_cache[kv], v_cache[kv], starts[kv], end, scale, att[h],
                             out[h * hd:(h + 1) * hd])
+
+
+@njit(fastmath=FASTMATH, cache=True, error_model="numpy")
+def attention_group(q, k, v, k_cache, v_cache, g, start, slot, n_rep, scale, cos, sin, att, out, totals):
+    """One token at kv head g, a thread's share of `attention_decode`: rotate k's head g (cos/sin: the rows of
+    the token's position) and store it with v's head g in cache slot `slot`, then rotate the query heads
+    h = g * n_rep .. of q and attend to slots [start, slot] (writes their rows of att, out and totals)."""
+    hd = k_cache.shape[2]
+    kg = k[g * hd:(g + 1) * hd]
+    rope(kg, hd, cos, sin)
+    kc = k_cache[g, slot]
+    vc = v_cache[g, slot]
+    for i in range(hd):
+        kc[i] = kg[i]
+        vc[i] = v[g * hd + i]
+    for h in range(g * n_rep, (g + 1) * n_rep):
+        qh = q[h * hd:(h + 1) * hd]
+        rope(qh, hd, cos, sin)
+        totals[h] = _attend(qh, k_cache[g], v_cache[g], start, slot + 1, scale, att[h], out[h * hd:(h + 1) * hd])
 
 
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")

@@ -1,0 +1,589 @@
+"""`m3lite bench`: m3lite side by side with llama.cpp, onnxruntime and PyTorch on the same machine and weights.
+
+One run measures, for each runtime and the same 128-token prompt (token ids, so tokenization plays no part) and
+128 greedy tokens at batch 1: prefill tokens/s, decode tokens/s, time to first token and peak RSS; the median of
+`repeats` runs after a short warm-up. Rows:
+
+- m3lite fp32 and int8 (int8 when this m3lite can load int8 weights), each in the modes none, memory (5 explicit
+  memories per 64-token chunk, from a small bank of Wikipedia references) and rag (the same 5 references, ~128
+  tokens each, as text before the prompt);
+- onnxruntime over the model's own model.onnx; PyTorch eager (converters.model, when torch is installed);
+- llama.cpp (llama-cpp-python, when installed) over GGUF exports of the same weights, F32 and Q8_0.
+
+Every row runs in its own Python process (`python -m m3lite.bench --worker SPEC`), so its peak RSS is its own and
+no runtime's imports or threads touch another's; m3lite itself never imports torch. Each row is also given as a
+ratio to llama.cpp at the same precision (F32 for fp32 rows, Q8_0 for int8 rows) or, without llama.cpp, to m3lite
+fp32 (`ratio_to` says which). The roofline: the machine's copy bandwidth (numpy, bytes read + written per second)
+and the share of it each decode reaches, counting the weight bytes read per token.
+
+Missing peers are reported as skipped, with the reason; speeds are reported, never asserted.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import BadArgument, M3Error
+
+PROMPT_TOKENS = 128
+NEW_TOKENS = 128
+WARMUP_TOKENS = 4
+BANK_DOCUMENTS = 12  # enough references for 5 retrieved per chunk, few enough to encode fast on a 1B model
+WORKER_TIMEOUT_S = 3600
+Q8_BYTES_PER_WEIGHT = 34 / 32  # one float16 scale per block of 32 int8 values (llama.cpp's Q8_0)
+MODES = ("none", "memory", "rag")
+
+# (runtime, precision, mode) in the order they run; llama.cpp reads GGUF F32 (fp32) and Q8_0 (int8)
+ROWS: list[tuple[str, str, str]] = [
+    ("m3lite", "fp32", "none"), ("m3lite", "int8", "none"), ("onnxruntime", "fp32", "none"),
+    ("pytorch", "fp32", "none"), ("llama.cpp", "fp32", "none"), ("llama.cpp", "int8", "none"),
+    ("m3lite", "fp32", "memory"), ("m3lite", "fp32", "rag"), ("m3lite", "int8", "memory"), ("m3lite", "int8", "rag"),
+]
+GGUF_TYPE = {"fp32": "f32", "int8": "q8_0"}
+FORMAT = {("llama.cpp", "fp32"): "GGUF F32", ("llama.cpp", "int8"): "GGUF Q8_0", ("pytorch", "fp32"): "torch fp32",
+          ("onnxruntime", "fp32"): "ONNX fp32"}
+
+
+class Unavailable(Exception):
+    """A peer that cannot run here (not installed, or not supported by this m3lite): the row is skipped."""
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def run_bench(model: str | os.PathLike | None = None, preset: str | None = None, repeats: int = 3,
+              progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Run every row and return the results (see the module docstring). `model` is a model directory; `preset`
+    makes (once, in the cache) a random model of that preset instead."""
+    if (model is None) == (preset is None):
+        raise BadArgument("give either a model directory (--model) or a preset (--preset)")
+    if repeats < 1:
+        raise BadArgument(f"repeats must be >= 1, got {repeats}")
+    from .config import PRESETS
+    from .modelfile import ModelFiles, cache_dir
+
+    if preset is not None and preset not in PRESETS:
+        raise BadArgument(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if model is not None:
+        ModelFiles.open(model, verify=False)  # a missing or broken model fails now, not in a worker
+
+    root = cache_dir() / "bench"
+    load_before = _loadavg()
+    total = len(ROWS) + 2
+    step = _Steps(progress, total)
+    with tempfile.TemporaryDirectory(prefix="m3lite-bench-") as tmp:
+        step("preparing the model, bank and GGUF files")
+        setup = _worker({"task": "setup", "model": str(model) if model is not None else None, "preset": preset,
+                         "root": str(root), "gguf": _has("llama_cpp")}, Path(tmp))
+        if setup["status"] != "ok":
+            raise M3Error(f"bench setup failed: {setup['reason']}")
+        step("measuring the copy bandwidth")
+        bandwidth = copy_bandwidth()
+        common = {"model": setup["model"], "prompt": setup["prompt"], "new_tokens": NEW_TOKENS, "repeats": repeats,
+                  "bank": setup["bank"]}
+        rows = []
+        for runtime, precision, mode in ROWS:
+            step(f"{runtime} {precision} {mode}")
+            spec = dict(common, task="row", runtime=runtime, precision=precision, mode=mode,
+                        gguf=setup["gguf"].get(precision))
+            row = {"runtime": runtime, "precision": precision, "mode": mode,
+                   "format": FORMAT.get((runtime, precision), f"m3lite {precision}")}
+            row.update(_skip_reason(runtime, precision, setup) or _worker(spec, Path(tmp)))
+            rows.append(row)
+        step(None)
+    cfg = setup["config"]
+    for row in rows:
+        _add_roofline(row, cfg, bandwidth)
+    baseline = _add_ratios(rows)
+    return {
+        "model": {k: setup[k] for k in ("model", "name", "params", "fingerprint", "disk_bytes")} | {"preset": preset},
+        "machine": machine_info() | {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+                                     "load_average_before": load_before, "load_average_after": _loadavg()},
+        "settings": {"prompt_tokens": len(setup["prompt"]), "new_tokens": NEW_TOKENS, "batch": 1,
+                     "repeats": repeats, "statistic": "median", "sampling": "greedy",
+                     "bank_references": setup["bank_references"]},
+        "baseline": baseline,
+        "rows": rows,
+        "memory": _memory_summary(rows),
+    }
+
+
+class _Steps:
+    def __init__(self, progress, total: int):
+        self.progress, self.total, self.done = progress, total, -1
+
+    def __call__(self, what: str | None) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, what or "done")
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _skip_reason(runtime: str, precision: str, setup: dict) -> dict | None:
+    """A skipped row's status, decided without starting a process (peers that are not installed)."""
+    if runtime == "pytorch" and not _has("torch"):
+        return {"status": "skipped", "reason": "torch is not installed (pip install torch==2.13.0, the CPU build)"}
+    if runtime == "llama.cpp":
+        if not _has("llama_cpp"):
+            return {"status": "skipped", "reason": "llama-cpp-python is not installed (pip install 'm3lite[bench]')"}
+        if not setup["gguf"].get(precision):
+            return {"status": "skipped", "reason": setup.get("gguf_error") or "no GGUF export"}
+    return None
+
+
+def _worker(spec: dict, tmp: Path) -> dict:
+    """Run one task in a fresh Python process; its last stdout line is the JSON result."""
+    path = tmp / f"spec-{time.monotonic_ns()}.json"
+    path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)  # m3lite and converters importable from the child
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        p = subprocess.run([sys.executable, "-m", "m3lite.bench", "--worker", str(path)], capture_output=True,
+                           text=True, env=env, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "reason": f"did not finish in {WORKER_TIMEOUT_S} s"}
+    lines = [s for s in p.stdout.splitlines() if s.startswith("{")]
+    if p.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    err = [s for s in p.stderr.strip().splitlines() if s.strip()]
+    return {"status": "failed", "reason": (err[-1] if err else f"exit status {p.returncode}")[:300]}
+
+
+def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """The machine's memory copy bandwidth in bytes/s (bytes read + bytes written), the median of `repeats`
+    copies of an `nbytes` array (large enough to leave every cache)."""
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.nbytes / statistics.median(times)
+
+
+def machine_info() -> dict[str, Any]:
+    from .threads import default_threads, physical_cores
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
+            "threads": default_threads(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def weight_bytes_per_token(cfg: dict, precision: str) -> int:
+    """Bytes of weights one decode step reads: every layer matrix and norm, the final norm and the output head
+    (one row of the token embedding is negligible). int8: Q8_0 matrices (34 bytes per 32 weights), fp32 norms."""
+    d, L, f, v = cfg["dim"], cfg["n_layers"], cfg["ffn_dim"], cfg["vocab_size"]
+    hd = cfg["head_dim"] or d // cfg["n_heads"]
+    q, kv = cfg["n_heads"] * hd, cfg["n_kv_heads"] * hd
+    matrices = L * (2 * d * q + 2 * d * kv + 3 * d * f) + v * d
+    norms = (2 * L + 1) * d
+    per_weight = 4 if precision == "fp32" else Q8_BYTES_PER_WEIGHT
+    return int(matrices * per_weight + 4 * norms)
+
+
+def _add_roofline(row: dict, cfg: dict, bandwidth: float) -> None:
+    if row.get("status") != "ok":
+        return
+    b = weight_bytes_per_token(cfg, row["precision"])
+    row["weight_bytes_per_token"] = b
+    row["bandwidth_fraction"] = round(b * row["decode_tokens_per_s"] / bandwidth, 4)
+
+
+RATIO_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_rss_mb")
+
+
+def _add_ratios(rows: list[dict]) -> str:
+    """Each row's figures divided by the reference's: llama.cpp at the row's precision (mode none), else m3lite
+    fp32 (mode none). Returns which reference was used ("llama.cpp" or "m3lite fp32")."""
+    def find(runtime, precision):
+        return next((r for r in rows if (r["runtime"], r["precision"], r["mode"]) == (runtime, precision, "none")
+                     and r.get("status") == "ok"), None)
+
+    m3 = find("m3lite", "fp32")
+    used = set()
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        ref = find("llama.cpp", row["precision"])
+        name = f"llama.cpp {'F32' if row['precision'] == 'fp32' else 'Q8_0'}"
+        if ref is None:
+            ref, name = m3, "m3lite fp32"
+        if ref is None:
+            continue
+        used.add(name.split(" ")[0] if name.startswith("llama.cpp") else name)
+        row["ratio_to"] = name
+        row["ratio"] = {k: round(row[k] / ref[k], 3) for k in RATIO_KEYS if ref.get(k)}
+    return " and ".join(sorted(used)) if used else "none"
+
+
+def _memory_summary(rows: list[dict]) -> dict[str, Any]:
+    """Per m3lite precision: memory-mode decode speed over none's, memory-mode TTFT over rag's."""
+    out: dict[str, Any] = {}
+    for precision in ("fp32", "int8"):
+        got = {r["mode"]: r for r in rows if r["runtime"] == "m3lite" and r["precision"] == precision
+               and r.get("status") == "ok"}
+        if "none" in got and "memory" in got:
+            out[f"{precision}_decode_memory_over_none"] = round(
+                got["memory"]["decode_tokens_per_s"] / got["none"]["decode_tokens_per_s"], 3)
+        if "memory" in got and "rag" in got:
+            out[f"{precision}_ttft_memory_over_rag"] = round(got["memory"]["ttft_ms"] / got["rag"]["ttft_ms"], 3)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+def _fmt(x: Any, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def markdown_table(res: dict) -> str:
+    m, mc, s = res["model"], res["machine"], res["settings"]
+    lines = [
+        f"Model: {m['name']} ({m['params'] / 1e6:.1f} M parameters, {m['disk_bytes'] / 2**20:.1f} MiB on disk), "
+        f"`{m['model']}`.",
+        f"Machine: {mc['cpu']}, {mc['physical_cores']} physical cores ({mc['logical_cpus']} logical), "
+        f"{mc['threads']} threads; copy bandwidth {mc['copy_bandwidth_gb_s']} GB/s (read + write, numpy); "
+        f"load average before {mc['load_average_before']}.",
+        f"Prompt {s['prompt_tokens']} tokens, {s['new_tokens']} greedy tokens, batch 1, median of {s['repeats']}. "
+        f"Ratios are to {res['baseline']} (`x ref`: decode and prefill speed over the reference's).",
+        "",
+        "| runtime | weights | mode | prompt tokens | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB "
+        "| decode x ref | prefill x ref | bandwidth used | note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in res["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['runtime']} | {r['format']} | {r['mode']} | | | | | | | | | "
+                         f"{r['status']}: {r.get('reason', '')} |")
+            continue
+        ratio = r.get("ratio", {})
+        note = f"x {r['ratio_to']}" if "ratio_to" in r else ""
+        if r.get("references"):
+            note += f"; {r['references']} references"
+        lines.append(
+            f"| {r['runtime']} | {r['format']} | {r['mode']} | {r['prompt_tokens']} | "
+            f"{_fmt(r['prefill_tokens_per_s'])} | {_fmt(r['decode_tokens_per_s'])} | {_fmt(r['ttft_ms'], 1)} | "
+            f"{_fmt(r['peak_rss_mb'])} | {_fmt(ratio.get('decode_tokens_per_s'), 2)} | "
+            f"{_fmt(ratio.get('prefill_tokens_per_s'), 2)} | {100 * r['bandwidth_fraction']:.0f}% | {note} |")
+    mem = res.get("memory") or {}
+    if mem:
+        lines += ["", "Explicit memory: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in mem.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def check_report_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.suffix.lower() != ".md":
+        raise BadArgument(f"--report takes a .md file, got {p}")
+    if not p.parent.is_dir():
+        raise BadArgument(f"cannot write {p}: folder {p.parent} does not exist")
+    return p
+
+
+def write_report(res: dict, path: str | os.PathLike) -> Path:
+    p = check_report_path(path)
+    p.write_text("# m3lite bench\n\n" + markdown_table(res), encoding="utf-8")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB; None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: that one survives fork and exec, so a worker
+    would report the bench parent's peak when it is the larger."""
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def load_m3lite(model_dir: str, precision: str):
+    """The m3lite Model with `precision` weights ("fp32" or "int8"); Unavailable when this m3lite has no int8."""
+    from .model import Model
+
+    if "weights" not in inspect.signature(Model.load).parameters:
+        if precision != "fp32":
+            raise Unavailable("this m3lite has no int8 weights yet")
+        return Model.load(model_dir)
+    return Model.load(model_dir, weights=precision)
+
+
+def _bench_texts(tokenizer) -> list:
+    """The documents of the bench's bank and prompt: the first Wikipedia summaries, else random text."""
+    from .sources import Document, SourceError, wiki_documents
+
+    try:
+        docs = list(wiki_documents("en", "wiki:en", warn=lambda s: None, limit=BANK_DOCUMENTS))
+    except SourceError:
+        docs = []
+    if len(docs) < BANK_DOCUMENTS:
+        rng = np.random.default_rng(0)
+        first = 5 + 256  # after the special and byte pieces
+        docs = [Document(id=f"random/{i}", title=f"random {i}", source="random",
+                         text=tokenizer.decode(rng.integers(first, tokenizer.vocab_size, 300)))
+                for i in range(BANK_DOCUMENTS)]
+    return docs
+
+
+def _setup(spec: dict) -> dict:
+    """Make the model (preset), the prompt, the bank and the GGUF exports; cached under spec["root"]."""
+    from .modelfile import ModelFiles
+
+    root = Path(spec["root"])
+    model_dir = spec["model"]
+    if spec["preset"] is not None:
+        model_dir = str(_preset_model(spec["preset"], root / "models" / spec["preset"]))
+    files = ModelFiles.open(model_dir)
+    cfg = files.config
+    if cfg.max_seq_len < PROMPT_TOKENS + NEW_TOKENS:
+        raise BadArgument(f"the model's context ({cfg.max_seq_len}) is shorter than the bench's {PROMPT_TOKENS} + "
+                          f"{NEW_TOKENS} tokens")
+    m = load_m3lite(model_dir, "fp32")
+    docs = _bench_texts(m.tokenizer)
+    ids = [t for d in docs for t in m.tokenizer.encode(d.text)][:PROMPT_TOKENS - 1]
+    prompt = [m.tokenizer.bos_id] + ids
+    if len(prompt) < PROMPT_TOKENS:
+        raise BadArgument("not enough text for a 128-token prompt")
+
+    from .memory import build_or_add
+
+    bank = root / "banks" / files.fingerprint
+    stats = build_or_add(m, bank, docs, warn=lambda s: None)
+    try:
+        load_m3lite(model_dir, "int8")  # int8 weights quantized (and cached) now, not inside a measured row
+    except (Unavailable, M3Error):
+        pass  # the int8 rows report it
+    out = {"status": "ok", "model": str(Path(model_dir).resolve()), "name": cfg.name, "params": cfg.n_params(),
+           "fingerprint": files.fingerprint, "disk_bytes": files.disk_bytes(), "config": cfg.to_dict(),
+           "prompt": prompt, "bank": str(bank), "bank_references": stats["count"], "gguf": {}}
+    if spec["gguf"]:
+        try:
+            from converters.export_gguf import export_gguf
+
+            for precision, type in GGUF_TYPE.items():
+                path = root / "gguf" / f"{files.fingerprint}.{type}.gguf"
+                if not path.is_file():
+                    export_gguf(model_dir, path, type=type)
+                out["gguf"][precision] = str(path)
+        except (M3Error, ImportError, OSError) as e:
+            out["gguf_error"] = f"GGUF export failed: {str(e).splitlines()[0]}"
+    return out
+
+
+def _preset_model(preset: str, path: Path) -> Path:
+    """A random model of `preset` (seed 0) at `path`, made once (converters.init: numpy and onnx, no torch)."""
+    from .config import ModelConfig
+    from .modelfile import ModelFiles
+
+    cfg = ModelConfig.preset(preset)
+    try:
+        if ModelFiles.open(path).config == cfg:
+            return path
+    except M3Error:
+        pass
+    try:
+        from converters.init import init_model_dir
+    except ImportError as e:
+        raise BadArgument(f"--preset needs the converters' dependencies ({e.name}): pip install 'm3lite[bench]', "
+                          f"or pass --model DIR") from None
+    init_model_dir(path, cfg, seed=0)
+    return path
+
+
+def _median_row(runs: list[dict], extra: dict) -> dict:
+    out = {"status": "ok"}
+    for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms"):
+        out[k] = round(statistics.median(r[k] for r in runs), 3)
+    out.update(extra)
+    return out
+
+
+def _run_m3lite(spec: dict, backend: str) -> dict:
+    from .bank import Bank
+
+    m = load_m3lite(spec["model"], spec["precision"])
+    # exactly new_tokens tokens: a random (or any) model may produce </s> before that
+    m.tokenizer.eos_id = -1
+    mode = spec["mode"]
+    bank = Bank.open(spec["bank"]) if mode != "none" else None
+    kw = dict(temperature=0.0, repetition_penalty=1.0, backend=backend, bank=bank,
+              mode=mode if mode != "none" else None)
+    m.generate(spec["prompt"], max_new_tokens=WARMUP_TOKENS, **kw)
+    runs = []
+    for _ in range(spec["repeats"]):
+        m.generate(spec["prompt"], max_new_tokens=spec["new_tokens"], **kw)
+        r = m.last_result
+        runs.append({"prefill_tokens_per_s": r.prefill_tokens_per_s, "decode_tokens_per_s": r.decode_tokens_per_s,
+                     "ttft_ms": r.ttft_s * 1000, "prompt_tokens": r.prompt_tokens, "new": len(r.tokens),
+                     "references": len(r.references)})
+    return _median_row(runs, {"prompt_tokens": runs[-1]["prompt_tokens"], "new_tokens": runs[-1]["new"],
+                              "references": runs[-1]["references"]})
+
+
+def _greedy_runs(spec: dict, prefill: Callable, step: Callable) -> dict:
+    """Time `repeats` greedy generations: prefill(ids) -> last logits; step(token) -> next logits."""
+    ids, n_new = spec["prompt"], spec["new_tokens"]
+
+    def once(n: int) -> dict:
+        t0 = time.perf_counter()
+        logits = prefill(ids)
+        t1 = time.perf_counter()
+        tok = int(np.argmax(logits))
+        t2 = time.perf_counter()
+        for _ in range(n - 1):
+            tok = int(np.argmax(step(tok)))
+        t3 = time.perf_counter()
+        return {"prefill_tokens_per_s": len(ids) / (t1 - t0), "ttft_ms": (t2 - t0) * 1000,
+                "decode_tokens_per_s": (n - 1) / (t3 - t2) if n > 1 else 0.0}
+
+    once(WARMUP_TOKENS)
+    runs = [once(n_new) for _ in range(spec["repeats"])]
+    return _median_row(runs, {"prompt_tokens": len(ids), "new_tokens": n_new})
+
+
+def _run_pytorch(spec: dict) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise Unavailable("torch is not installed") from None
+    from converters.model import from_stacked
+
+    from .modelfile import ModelFiles
+    from .threads import default_threads
+
+    torch.set_num_threads(default_threads())
+    files = ModelFiles.open(spec["model"])
+    model = from_stacked(files.config, files.weights).eval()
+    state: dict = {}
+
+    @torch.inference_mode()
+    def prefill(ids):
+        logits, state["kv"] = model(torch.tensor([ids]), return_kv=True)
+        return logits[0, -1].numpy()
+
+    @torch.inference_mode()
+    def step(tok):
+        logits, state["kv"] = model(torch.tensor([[tok]]), past_kv=state["kv"], return_kv=True)
+        return logits[0, -1].numpy()
+
+    return _greedy_runs(spec, prefill, step)
+
+
+def _run_llama_cpp(spec: dict) -> dict:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise Unavailable("llama-cpp-python is not installed") from None
+    from .modelfile import ModelFiles
+    from .threads import default_threads
+
+    cfg = ModelFiles.open(spec["model"], verify=False).config
+    n = default_threads()  # physical cores, as m3lite
+    llm = llama_cpp.Llama(model_path=spec["gguf"], n_ctx=cfg.max_seq_len, n_batch=512, n_ubatch=512, n_threads=n,
+                          n_threads_batch=n, logits_all=False, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def logits():  # the last evaluated token's logits, read in place
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        return logits()
+
+    def step(tok):
+        llm.eval([tok])
+        return logits()
+
+    out = _greedy_runs(spec, prefill, step)
+    out["llama_cpp_version"] = getattr(llama_cpp, "__version__", "?")
+    return out
+
+
+def _row(spec: dict) -> dict:
+    rt = spec["runtime"]
+    if rt == "m3lite":
+        return _run_m3lite(spec, "numba")
+    if rt == "onnxruntime":
+        return _run_m3lite(spec, "onnxruntime")
+    if rt == "pytorch":
+        return _run_pytorch(spec)
+    if rt == "llama.cpp":
+        return _run_llama_cpp(spec)
+    raise BadArgument(f"unknown runtime {rt!r}")
+
+
+def worker_main(argv: list[str]) -> int:
+    """`python -m m3lite.bench --worker SPEC.json`: run one task, print its result as one JSON line."""
+    if len(argv) != 2 or argv[0] != "--worker":
+        print("usage: python -m m3lite.bench --worker SPEC.json (use `m3lite bench`)", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[1]).read_text())
+    baseline = _proc_status_mb("VmRSS") or 0.0
+    t0 = time.perf_counter()
+    try:
+        out = _setup(spec) if spec["task"] == "setup" else _row(spec)
+    except Unavailable as e:
+        out = {"status": "skipped", "reason": str(e)}
+    except M3Error as e:
+        out = {"status": "failed", "reason": str(e)}
+    out["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    out["start_rss_mb"] = round(baseline, 1)  # the interpreter and numpy, before the runtime's imports
+    out["wall_s"] = round(time.perf_counter() - t0, 2)
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))

@@ -1,0 +1,398 @@
+"""A conversation with a model: multi-turn questions and answers over a bank, in the SFT prompt format.
+
+The conversation keeps its own KV cache (an `Engine` sharing the model's weights), so each turn prefills only
+what it adds; `save`/`load` write and read that state (an .npz of plain arrays plus JSON, no pickle), so a long
+conversation resumes without recomputing it.
+
+    chat = model.chat(bank=bank)              # or Chat(model, bank=..., mode="memory"|"rag"|"none")
+    print(chat.send("What is a volcano?"))
+    for piece in chat.send("Where is Etna?", stream=True):
+        print(piece, end="", flush=True)
+    chat.last_result.references               # the memories used, with the share of attention they received
+    chat.save("talk.npz"); chat = Chat.load("talk.npz", model=model)
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import BadArgument, BusyError, M3Error
+from .generate import GenerationResult, SamplingParams, stream as _stream
+from .memory import MemorySession, check_mode, qa_prompt, rag_context
+from .modelfile import atomic_write_bytes
+
+FORMAT = "m3lite-chat"
+VERSION = 1
+STOP = ("\nQuestion:",)  # the model starting the next turn on its own ends the answer
+SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+
+
+class ContextLengthError(BadArgument):
+    """A question (with the room asked for its answer) does not fit the model's context even alone."""
+
+
+class ChatFileError(M3Error):
+    """A saved conversation is missing, damaged, or was saved with another model."""
+
+
+@dataclass
+class Turn:
+    question: str
+    answer: str = ""
+    context: str = ""  # text placed before the question (rag: the references' text)
+    references: list[dict] = field(default_factory=list)
+    finish_reason: str = "stop"
+    mode: str = "none"
+
+
+def transcript(turns: Sequence[Turn], question: str, context: str = "", system: str = "") -> str:
+    """The conversation as the model reads it, in the SFT stage's format:
+    "Question: q1\\nAnswer: a1\\nQuestion: q2\\nAnswer:" (an optional system text first, on its own line)."""
+    parts = [system.strip()] if system.strip() else []
+    parts += [t.context + qa_prompt(t.question) + (" " + t.answer if t.answer else "") for t in turns]
+    parts.append(context + qa_prompt(question))
+    return "\n".join(parts)
+
+
+def reference_summary(r: dict) -> dict:
+    """The fields of a used reference that answers report (`ask --json`, the server's `m3lite` field)."""
+    return {k: r[k] for k in ("id", "doc_id", "source", "title", "text", "score", "attention") if k in r}
+
+
+# ---- the engine state a conversation keeps (uses the Engine's cache layout; see m3lite.engine) ----------------
+
+def _truncate(eng, n_past: int) -> None:
+    """Keep the first `n_past` context tokens. Attention is causal, so their keys/values do not depend on the
+    dropped ones: the next prefill/decode continues as if those had never been added."""
+    if not 0 <= n_past <= eng.n_past:
+        raise BadArgument(f"cannot keep {n_past} context tokens: the cache holds {eng.n_past}")
+    eng._n_past = int(n_past)
+
+
+def _snapshot(eng) -> dict[str, np.ndarray]:
+    """Copies of what a conversation needs to resume: the cache slots in use (memories, then context), each
+    layer's attention start, pos_offset and n_past."""
+    end = eng.prefix_capacity + eng.n_past
+    return {"k": eng.k_cache[:, :, :end].copy(), "v": eng.v_cache[:, :, :end].copy(),
+            "attn_start": eng.attn_start.copy(), "pos_offset": np.array(eng.pos_offset, np.int64),
+            "n_past": np.array(eng.n_past, np.int64), "prefix_capacity": np.array(eng.prefix_capacity, np.int64)}
+
+
+def _restore(eng, state: dict[str, np.ndarray]) -> None:
+    """Put a `_snapshot` back (into an engine of the same shape)."""
+    k, v = np.asarray(state["k"], np.float32), np.asarray(state["v"], np.float32)
+    start = np.asarray(state["attn_start"], np.int64)
+    n_past, off, prefix = int(state["n_past"]), int(state["pos_offset"]), int(state["prefix_capacity"])
+    L, G, _, hd = eng.k_cache.shape
+    end = prefix + n_past
+    if (prefix != eng.prefix_capacity or k.shape != (L, G, end, hd) or v.shape != k.shape
+            or start.shape != eng.attn_start.shape or not 0 <= n_past <= eng.max_ctx or off < 0
+            or start.min(initial=prefix) < 0 or start.max(initial=prefix) > prefix):
+        raise BadArgument(f"its KV state has another shape than this model's ({L} layers, {G} KV heads, "
+                          f"{eng.prefix_capacity} memory slots, {eng.max_ctx} context tokens)")
+    eng.reset()
+    eng.k_cache[:, :, :end] = k
+    eng.v_cache[:, :, :end] = v
+    eng.attn_start[...] = start
+    eng.pos_offset = off
+    eng._n_past = n_past
+
+
+class Chat:
+    """A conversation with `model`, optionally over a `bank` (an `m3lite.Bank` or its path).
+
+    mode: "memory" (default with a bank), "rag" or "none" (default without). Sampling settings are attributes
+    (`temperature` 0 = greedy, the default; `max_new_tokens`, `top_k`, `top_p`, `repetition_penalty`, `seed`)
+    and can be overridden per `send`. Earlier turns stay in the context up to the model's limit; when a new
+    turn does not fit, the oldest turns are dropped and `last_result.notes` says so.
+
+    Thread safety: one generation at a time per model (`Model`'s lock; a concurrent call raises BusyError).
+    Cancel an answer from any thread with `send(..., cancel=event.is_set)` and `event.set()`.
+    """
+
+    def __init__(self, model, bank=None, mode: str | None = None, *, system: str = "", max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.1,
+                 seed: int | None = None):
+        self.model = model
+        self.system = system
+        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.top_p, self.repetition_penalty, self.seed = top_p, repetition_penalty, seed
+        self._sampling()  # refuse bad settings now
+        self.bank = None
+        self._cache = None
+        self.mode = "none"
+        if bank is not None:
+            self.set_bank(bank)
+        self.set_mode(mode or ("memory" if bank is not None else "none"))
+        self.engine = model.new_engine()  # a KV cache of its own; the weights are the model's
+        # every mode reads the context at positions after the memories' interval, so a conversation can change
+        # mode without recomputing it (RoPE attention depends on relative positions only)
+        self.engine.pos_offset = model.config.reference_max_tokens
+        self.turns: list[Turn] = []
+        self.last_result: GenerationResult | None = None
+        self._ids: list[int] = []  # the token ids the engine's context holds, in order
+        self._tail = ""  # the end of the last answer that the context does not hold (cut mid-token)
+        self._epoch = 0  # changes whenever the context does: a plan made before is stale
+        self._answering = False
+
+    # ---- settings ----------------------------------------------------------------------------------------
+
+    def set_bank(self, bank) -> None:
+        """Use `bank` (a Bank or a path; refused if built by another model); None: no bank, mode "none"."""
+        if bank is None:
+            self.bank, self._cache = None, None
+            self.mode = "none"
+            return
+        s = self.model.memory_session(bank, "rag")  # opens it and checks its fingerprint
+        self.bank, self._cache = s.bank, s.cache
+
+    def set_mode(self, mode: str) -> None:
+        check_mode(mode)
+        if mode != "none" and self.bank is None:
+            raise BadArgument(f"mode {mode!r} needs a bank: open one first (chat.set_bank(PATH), /bank PATH in "
+                              f"`m3lite chat`), or use mode none")
+        self.mode = mode
+
+    def _sampling(self, **overrides) -> SamplingParams:
+        d = {k: getattr(self, k) for k in SETTINGS}
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        stop = tuple(STOP) + tuple(d.pop("stop", None) or ())
+        for k in ("max_new_tokens", "top_k"):
+            if isinstance(d[k], bool) or not isinstance(d[k], (int, np.integer)):
+                raise BadArgument(f"{k} must be an integer")
+        p = SamplingParams(stop=stop, **d)
+        p.validate()
+        return p
+
+    # ---- the conversation ----------------------------------------------------------------------------------
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens the context holds now (of `max_context`)."""
+        return len(self._ids)
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_ctx
+
+    def reset(self, history: Sequence[Turn] | Sequence[tuple[str, str]] = (), system: str | None = None) -> None:
+        """Forget the conversation; optionally start from `history` (Turns or (question, answer) pairs, read
+        again at the next `send`) and a new `system` text."""
+        self.turns = [t if isinstance(t, Turn) else Turn(question=t[0], answer=t[1]) for t in history]
+        if system is not None:
+            self.system = system
+        self._ids, self._tail = [], ""
+        self._epoch += 1
+        self.engine.reset()
+
+    def send(self, text: str, stream: bool = False, cancel=None, reserve: int | None = None,
+             **overrides) -> str | Iterator[str]:
+        """Ask `text` in the conversation; return the answer (stream=False) or an iterator of its pieces.
+
+        overrides: max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed (this answer only) and
+        stop (extra stop strings). `reserve`: context tokens kept free for the answer, dropping old turns if
+        needed (default min(max_new_tokens, a quarter of the context); the answer stops at the context's end);
+        ContextLengthError if the question with that room does not fit even alone. `cancel`: a callable
+        (e.g. `threading.Event().is_set`) that stops the answer when it returns True; closing the iterator
+        stops it too. After the answer, `last_result` holds it with references, timings and notes, and `turns`
+        the conversation. The answer so far stays in the context however the answer ends.
+        """
+        question = " ".join(str(text).split())
+        if not question:
+            raise BadArgument("the message is empty")
+        params = self._sampling(**overrides)
+        if reserve is None:
+            reserve = min(params.max_new_tokens, self.max_context // 4)
+        result = GenerationResult(mode=self.mode)
+        session = MemorySession(self.model, self.bank, mode=self.mode, cache=self._cache) if self.mode != "none" \
+            else None
+        found = session.retrieve(self.model.tokenizer.encode(question)) if self.mode == "rag" else []
+        plan = self._plan(question, found, session, reserve, result)
+        self.last_result = result
+        it = self._answer(question, found, session, reserve, result, params, cancel, plan)
+        if stream:
+            return it
+        for _ in it:
+            pass
+        return result.text.strip()
+
+    def _segment(self, text: str, fresh: bool) -> list[int]:
+        tok = self.model.tokenizer
+        ids = tok.encode(text)
+        if fresh:
+            return [tok.bos_id] + ids
+        # sentencepiece puts its dummy prefix (a bare "▁") before a text that starts with the newline between
+        # turns; inside the conversation that newline follows the previous answer directly
+        if ids and not text[:1] == " " and tok.piece(ids[0]) == "\u2581":
+            ids = ids[1:]
+        return ids
+
+    def _plan(self, question: str, found: list, session, reserve: int, result: GenerationResult) -> tuple:
+        """What to prefill: (epoch, token ids, from scratch?, rag context text, oldest turns dropped).
+
+        Continues the context when the turn fits after it; else reads the conversation again from its text,
+        without its oldest turns as needed; a rag turn that does not fit even alone leaves out its
+        lowest-ranked references."""
+        ctx = self.max_context
+        texts = [self.bank.reference(i)["text"] for i, _ in found]
+        while True:
+            context = rag_context(texts) if texts else ""
+            if self._ids:
+                seg = self._segment(self._tail + "\n" + context + qa_prompt(question), fresh=False)
+                if len(self._ids) + len(seg) + reserve <= ctx:
+                    return self._epoch, seg, False, context, 0
+            for drop in range(len(self.turns) + 1):
+                seg = self._segment(transcript(self.turns[drop:], question, context, self.system), fresh=True)
+                if len(seg) + reserve <= ctx:
+                    if drop:
+                        result.notes.append(f"the context is full ({ctx} tokens): dropped the {drop} oldest "
+                                            f"turn{'s' if drop > 1 else ''} of the conversation")
+                    return self._epoch, seg, True, context, drop
+            if not texts:
+                raise ContextLengthError(f"the question takes {len(seg)} tokens and its answer {reserve} more, "
+                                         f"but the context holds {ctx}: shorten the question or ask for a shorter "
+                                         f"answer")
+            texts.pop()
+            session.hits.pop(found.pop()[0], None)
+            result.notes.append(f"rag: left out a reference that does not fit the context ({ctx} tokens)")
+
+    def _answer(self, question, found, session, reserve, result, params, cancel, plan) -> Iterator[str]:
+        eng = self.engine
+        with self.model._guard():
+            if plan[0] != self._epoch:  # the conversation moved on since send() planned this turn
+                plan = self._plan(question, found, session, reserve, result)
+            _, seg, fresh, context, drop = plan
+            if fresh:
+                eng.reset()
+                self._ids, self._tail = [], ""
+                self.turns = self.turns[drop:]
+            memory = session if self.mode == "memory" else None
+            if memory is None:
+                eng.clear_prefix()
+            eng.reset_prefix_attention()
+            base = eng.n_past
+            done = False
+            self._answering = True
+            try:
+                yield from _stream(eng, self.model.tokenizer, seg, params, result, cancel=cancel, memory=memory)
+                done = True
+            finally:
+                self._answering = False
+                if not done and result.finish_reason != "stop":
+                    result.finish_reason = "cancelled"  # the caller stopped reading (or interrupted us)
+                if session is not None:
+                    if memory is not None:
+                        session.finish(eng)
+                    result.retrieval_s = session.retrieval_s
+                    result.references = session.references()
+                if eng.n_past >= eng.max_ctx and result.finish_reason == "length":
+                    result.notes.append(f"the answer stopped at the end of the context ({eng.max_ctx} tokens); "
+                                        f"the next question drops the oldest turns")
+                self._commit(question, context, base, seg, result)
+
+    def _commit(self, question: str, context: str, base: int, seg: list[int], result: GenerationResult) -> None:
+        """Record the turn and make the context hold exactly the conversation: the prompt and the answer's
+        tokens up to the last whole token of the answer's text (a stop string or a cut is never kept)."""
+        eng, tok = self.engine, self.model.tokenizer
+        self._epoch += 1
+        if eng.n_past < base + len(seg):  # the prompt never entered the cache (an error in the prefill)
+            _truncate(eng, min(base, eng.n_past))
+            self._ids = self._ids[:eng.n_past]
+            return
+        answer, toks = result.text, result.tokens
+        keep = eng.n_past - base - len(seg)  # generated tokens whose keys/values are in the cache
+        while keep > 0 and not answer.startswith(tok.decode(toks[:keep])):
+            keep -= 1
+        _truncate(eng, base + len(seg) + keep)
+        self._ids = self._ids + list(seg) + list(toks[:keep])
+        self._tail = answer[len(tok.decode(toks[:keep])):] if keep else answer
+        self.turns.append(Turn(question=question, answer=answer.strip(), context=context,
+                               references=[reference_summary(r) for r in result.references],
+                               finish_reason=result.finish_reason, mode=result.mode))
+
+    def stats(self) -> dict:
+        """The last answer's speeds and times, and how full the context is."""
+        r = self.last_result
+        d = {"turns": len(self.turns), "context_tokens": self.context_tokens, "max_context": self.max_context,
+             "mode": self.mode}
+        if r is not None:
+            d.update({"answer_tokens": len(r.tokens), "prompt_tokens": r.prompt_tokens,
+                      "ttft_ms": round(r.ttft_s * 1000, 3), "retrieval_ms": round(r.retrieval_s * 1000, 3),
+                      "prefill_tokens_per_s": round(r.prefill_tokens_per_s, 2),
+                      "decode_tokens_per_s": round(r.decode_tokens_per_s, 2)})
+        return d
+
+    # ---- save / load ---------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the conversation, its KV state and current memories to `path` (an .npz: plain arrays and a
+        JSON record, no pickle), atomically."""
+        if self._answering:
+            raise BusyError("this chat is answering; save it when the answer is finished (or cancelled)")
+        meta = {"format": FORMAT, "version": VERSION, "model": self.model.fingerprint, "mode": self.mode,
+                "bank": str(self.bank.path) if self.bank is not None else None,
+                "bank_fingerprint": self.bank.fingerprint if self.bank is not None else None,
+                "settings": {k: getattr(self, k) for k in SETTINGS}, "system": self.system, "tail": self._tail,
+                "turns": [asdict(t) for t in self.turns]}
+        arrays = dict(_snapshot(self.engine), ids=np.asarray(self._ids, np.int32),
+                      meta=np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8))
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        p = Path(path).expanduser()
+        try:
+            atomic_write_bytes(p, buf.getvalue())
+        except OSError as e:
+            raise ChatFileError(f"cannot write {p}: {e.strerror or e}") from None
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model, bank=None) -> "Chat":
+        """A conversation saved by `save`, ready to continue. `bank`: the bank to use (a Bank or a path);
+        default: the one it was saved with, if it is still there."""
+        p = Path(path).expanduser()
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = json.loads(bytes(arrays.pop("meta")).decode())
+            ok = isinstance(meta, dict) and meta.get("format") == FORMAT
+        except FileNotFoundError:
+            raise ChatFileError(f"no saved conversation at {p}") from None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+            raise ChatFileError(f"{p} is not a saved m3lite conversation ({str(e).splitlines()[0] or 'unreadable'})"
+                                ) from None
+        if not ok or meta.get("version") != VERSION:
+            raise ChatFileError(f"{p} is not a saved m3lite conversation (format {FORMAT} v{VERSION})")
+        if meta.get("model") != model.fingerprint:
+            raise ChatFileError(f"{p} was saved with another model (fingerprint {meta.get('model')}, this model is "
+                                f"{model.fingerprint}): load it with that model")
+        if bank is None and meta.get("bank"):
+            if not (Path(meta["bank"]) / "manifest.json").exists():
+                raise ChatFileError(f"{p} was saved with the bank {meta['bank']}, which is gone: give another "
+                                    f"bank (/bank PATH, Chat.load(..., bank=...))")
+            bank = meta["bank"]
+        mode = meta.get("mode", "none") if bank is not None else "none"
+        try:
+            settings = {k: v for k, v in meta.get("settings", {}).items() if k in SETTINGS}
+            chat = cls(model, bank=bank, mode=mode, system=str(meta.get("system", "")), **settings)
+            chat.turns = [Turn(**t) for t in meta.get("turns", [])]
+            chat._tail = str(meta.get("tail", ""))
+            ids = [int(i) for i in arrays.pop("ids")]
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ChatFileError(f"{p} is damaged: {e}") from None
+        try:
+            _restore(chat.engine, arrays)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ChatFileError(f"{p} is damaged: {e}") from None
+        except BadArgument as e:
+            raise ChatFileError(f"{p} does not fit this model: {e}") from None
+        if chat.engine.n_past != len(ids):
+            raise ChatFileError(f"{p} is damaged: its token list and its KV state disagree")
+        chat._ids = ids
+        return chat

@@ -1,0 +1,101 @@
+"""`m3lite bench`: the JSON it reports and the report file (speeds are never asserted, only that they exist)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+
+import pytest
+from clitools import one_line_error, run
+
+from m3lite.bench import ROWS, _add_ratios, weight_bytes_per_token
+from m3lite.config import ModelConfig
+from m3lite.modelfile import cache_dir
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_model_dir, tmp_path_factory):
+    """One `m3lite bench --preset tiny --json --repeats 1 --report FILE.md` in an empty cache (the tokenizers are
+    copied in, so nothing is trained again)."""
+    tiny_model_dir()  # the tiny tokenizer is in the user's cache now
+    tmp = tmp_path_factory.mktemp("bench")
+    cache = tmp / "cache"
+    shutil.copytree(cache_dir() / "tokenizers", cache / "tokenizers")
+    env = dict(os.environ, M3LITE_CACHE=str(cache))
+    p = run("bench", "--preset", "tiny", "--json", "--repeats", 1, "--report", tmp / "bench.md", env=env,
+            timeout=1800)
+    return json.loads(p.stdout), tmp / "bench.md"
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def test_json_structure(bench_run):
+    res, _ = bench_run
+    assert res["model"]["name"] == "tiny" and res["model"]["preset"] == "tiny"
+    assert res["settings"]["prompt_tokens"] == 128 and res["settings"]["new_tokens"] == 128
+    assert res["settings"]["batch"] == 1 and res["settings"]["repeats"] == 1
+    assert res["machine"]["copy_bandwidth_gb_s"] > 0 and res["machine"]["physical_cores"] >= 1
+    assert [(r["runtime"], r["precision"], r["mode"]) for r in res["rows"]] == ROWS
+    llama = _installed("llama_cpp")
+    assert res["baseline"] == ("llama.cpp" if llama else "m3lite fp32")
+    for r in res["rows"]:
+        assert r["status"] in ("ok", "skipped"), r
+        if r["status"] == "skipped":
+            assert r["reason"]
+            continue
+        for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "peak_rss_mb", "weight_bytes_per_token",
+                  "bandwidth_fraction"):
+            assert r[k] > 0, (k, r)
+        assert r["new_tokens"] == 128
+        assert r["prompt_tokens"] == 128 if r["mode"] != "rag" else r["prompt_tokens"] > 128
+        assert r["ratio_to"].startswith("llama.cpp" if llama else "m3lite fp32")
+        assert all(v > 0 for v in r["ratio"].values())
+        if r["mode"] == "memory":
+            assert r["references"] >= 5  # 5 per 64-token chunk
+    status = {(r["runtime"], r["precision"], r["mode"]): r["status"] for r in res["rows"]}
+    for mode in ("none", "memory", "rag"):
+        assert status["m3lite", "fp32", mode] == "ok"
+    assert status["onnxruntime", "fp32", "none"] == "ok"
+    assert (status["pytorch", "fp32", "none"] == "ok") == _installed("torch")
+    assert (status["llama.cpp", "fp32", "none"] == "ok") == llama
+    assert "fp32_decode_memory_over_none" in res["memory"] and "fp32_ttft_memory_over_rag" in res["memory"]
+
+
+def test_report_file(bench_run):
+    res, md = bench_run
+    text = md.read_text()
+    assert res["report"] == str(md)
+    assert "| runtime |" in text and "m3lite" in text and "onnxruntime" in text
+
+
+def test_weight_bytes_per_token():
+    for tied in (True, False):
+        cfg = ModelConfig.preset("tiny", tie_embeddings=tied)
+        embedding_only = 0 if tied else cfg.vocab_size * cfg.dim  # the input embedding is read one row at a time
+        assert weight_bytes_per_token(cfg.to_dict(), "fp32") == 4 * (cfg.n_params() - embedding_only)
+        assert weight_bytes_per_token(cfg.to_dict(), "int8") < weight_bytes_per_token(cfg.to_dict(), "fp32") / 3
+
+
+def test_ratios_prefer_llama_cpp_at_the_same_precision():
+    def row(runtime, precision, decode):
+        return {"runtime": runtime, "precision": precision, "mode": "none", "status": "ok", "decode_tokens_per_s":
+                decode, "prefill_tokens_per_s": 1.0, "ttft_ms": 1.0, "peak_rss_mb": 1.0}
+
+    rows = [row("m3lite", "fp32", 100.0), row("m3lite", "int8", 300.0), row("llama.cpp", "fp32", 50.0),
+            row("llama.cpp", "int8", 150.0)]
+    assert _add_ratios(rows) == "llama.cpp"
+    assert rows[0]["ratio_to"] == "llama.cpp F32" and rows[0]["ratio"]["decode_tokens_per_s"] == 2.0
+    assert rows[1]["ratio_to"] == "llama.cpp Q8_0" and rows[1]["ratio"]["decode_tokens_per_s"] == 2.0
+    rows = rows[:2]
+    assert _add_ratios(rows) == "m3lite fp32"
+    assert rows[1]["ratio_to"] == "m3lite fp32" and rows[1]["ratio"]["decode_tokens_per_s"] == 3.0
+
+
+def test_errors_are_one_line(tmp_path):
+    one_line_error(run("bench", "--model", tmp_path / "missing", check=False))
+    one_line_error(run("bench", "--model", tmp_path, "--preset", "tiny", check=False))
+    one_line_error(run("bench", "--preset", "huge", check=False))
+    one_line_error(run("bench", "--preset", "tiny", "--report", tmp_path / "r.txt", check=False))
