@@ -399,6 +399,7 @@ def _setup(spec: dict) -> dict:
 
     bank = root / "banks" / files.fingerprint
     stats = build_or_add(m, bank, docs, warn=lambda s: None)
+    del m  # its weights' mapping: the steps below map them again
     try:
         load_m3lite(model_dir, "int8")  # int8 weights quantized (and cached) now, not inside a measured row
     except (Unavailable, M3Error):
@@ -408,10 +409,10 @@ def _setup(spec: dict) -> dict:
            "prompt": prompt, "bank": str(bank), "bank_references": stats["count"], "gguf": {}}
     if spec["gguf"]:
         try:
-            from converters.export_gguf import export_gguf
+            from converters.export_gguf import VERSION, export_gguf
 
             for precision, type in GGUF_TYPE.items():
-                path = root / "gguf" / f"{files.fingerprint}.{type}.gguf"
+                path = root / "gguf" / f"{files.fingerprint}.{type}.v{VERSION}.gguf"
                 if not path.is_file():
                     export_gguf(model_dir, path, type=type)
                 out["gguf"][precision] = str(path)
