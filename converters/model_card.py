@@ -131,7 +131,9 @@ def card(runs: Path, model_dir: Path, res: dict | None, chart_name: str = CHART)
     ]
     for n in done:
         st = stages[n]
-        lines.append(f"| {n} | {WHAT[n]} | {st['steps']:,} | {st['batch']} x {st['seq_len']} | {st['lr']:g}, "
+        own = st.get("corpus") and st["corpus"] != first.get("corpus")  # a stage that read another corpus
+        what = WHAT[n] + (f"; corpus {', '.join(st['corpus'])}" if own else "")
+        lines.append(f"| {n} | {what} | {st['steps']:,} | {st['batch']} x {st['seq_len']} | {st['lr']:g}, "
                      f"{st['schedule']} | {st['tokens']:,} | {_hms(st['seconds'])} | "
                      f"{st['first_loss']:.3f} -> {st['final_loss']:.3f} |")
     total_s = sum(stages[n]["seconds"] for n in done)

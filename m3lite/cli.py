@@ -459,12 +459,7 @@ def eval_(
     if report is not None:
         md, png = write_report(res, report)
         res["report"] = {"markdown": str(md), "chart": str(png)}
-    if as_json:
-        _echo_json(res)
-        return
-    typer.echo(markdown_table(res), nl=False)
-    if report is not None:
-        typer.echo(f"\nwrote {res['report']['markdown']} and {res['report']['chart']}")
+    _print_result(res, markdown_table, as_json, report is not None and f"{md} and {png}")
 
 
 @app.command()
@@ -489,12 +484,17 @@ def bench(
         res = run_bench(model=model, preset=preset, repeats=repeats, progress=progress)
     if report is not None:
         res["report"] = str(write_report(res, report))
+    _print_result(res, markdown_table, as_json, report is not None and res["report"])
+
+
+def _print_result(res: dict, table, as_json: bool, wrote: str | bool) -> None:
+    """A measuring command's output: one JSON object, or the markdown table and the report files written."""
     if as_json:
         _echo_json(res)
         return
-    typer.echo(markdown_table(res), nl=False)
-    if report is not None:
-        typer.echo(f"\nwrote {res['report']}")
+    typer.echo(table(res), nl=False)
+    if wrote:
+        typer.echo(f"\nwrote {wrote}")
 
 
 def main() -> None:

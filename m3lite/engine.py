@@ -40,7 +40,7 @@ from .errors import BadArgument
 from .kernels import (accumulate_prefix_attention, attention_group, attention_prefill, reference_attention,
                       rmsnorm, rmsnorm_rows, rope_rows,
                       rope_rows_at, rope_tables, select_tokens, selection_scores, silu_mul)
-from .kernels.q8 import QK, matmul_q8, padded, quantize_act, rows, rows_swiglu
+from .kernels.q8 import QK, matmul_q8, matvec_q8, padded, quantize_act, rows, rows_swiglu
 from .kernels.sync import STATE_SIZE, barrier, part
 from .modelfile import tensor_shapes
 from .threads import default_threads
@@ -48,7 +48,7 @@ from .threads import default_threads
 PREFILL_CHUNK = 128  # tokens per prefill block: enough rows for efficient GEMMs, scratch stays small
 ENCODE_TOKENS = 2048  # tokens (of several references, packed) per encode block
 REF_ID = 4  # the <ref> token that starts every reference (converters.tokenizer.REF)
-Q8_TILE_BYTES = 1 << 20  # int8 prefill: weights dequantized per BLAS GEMM (a tile that stays in L2)
+Q8_TILE_BYTES = 4 << 20  # int8 prefill: weights dequantized per BLAS GEMM (4 MiB: 5% faster than 1 MiB here)
 LINEAR = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")  # the per-layer projections, in the decode step's order
 
 
@@ -182,17 +182,17 @@ class Engine:
 
         # weights: read-only views of float32 arrays (never copies); float16 widened once to a float32 copy
         want = tensor_shapes(cfg)
+        self.q8 = q8 is not None
+        if self.q8:  # int8 runs the projections and the head: their float weights are not needed
+            want = {name: shape for name, shape in want.items() if name not in LINEAR and name != "output"}
         missing = sorted(set(want) - set(weights))
         if missing:
             raise BadArgument(f"weights do not match the config: missing {', '.join(missing)}")
-        self.q8 = q8 is not None
         w = {}
         for name, shape in want.items():
             a = np.asarray(weights[name])
             if tuple(a.shape) != shape:
                 raise BadArgument(f"weight {name} has shape {tuple(a.shape)}, the config needs {shape}")
-            if self.q8 and (name in LINEAR or name == "output"):
-                continue  # int8 runs them
             if a.dtype == np.float16:
                 a = a.astype(np.float32)  # exact; C-contiguous
             elif a.dtype != np.float32:
@@ -212,7 +212,7 @@ class Engine:
         f3, f2 = _readonly(np.zeros((L, 0, 0), np.float32)), _readonly(np.zeros((0, 0), np.float32))
         self.wq, self.wk, self.wv, self.wo, self.w1, self.w3, self.w2 = (w.get(n, f3) for n in LINEAR)
         self.output = f2 if self.q8 else w["tok_embeddings"] if cfg.tie_embeddings else w["output"]
-        self.q8_weights = self._check_q8(q8, want) if self.q8 else {
+        self.q8_weights = self._check_q8(q8, tensor_shapes(cfg)) if self.q8 else {
             n: (_readonly(np.zeros((L, 0, 0), np.int8)), f3) for n in LINEAR} | {
             "output": (_readonly(np.zeros((0, 0), np.int8)), f2)}
         kmax = padded(max(D, cfg.q_dim, F))
@@ -448,6 +448,10 @@ class Engine:
         if kind != "output":
             values, scales = values[l], scales[l]
         m, k = x.shape
+        if m == 1:  # one token (a prompt's last, for its logits): integer dots beat dequantizing the matrix
+            quantize_act(x[0], self.xq[0], self.xs[0])
+            matvec_q8(values, scales, self.xq[0], self.xs[0], out[0])
+            return
         if self._q8_x.shape[0] < m * k:
             self._q8_x = np.empty(m * k, np.float32)
         matmul_q8(x, values, scales, out, self._q8_x[:m * k].reshape(m, k), self._q8_tile)

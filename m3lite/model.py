@@ -65,7 +65,7 @@ class Model:
             eng = self._engines[backend]
             # load the compiled code (numba's cache) now, so the first answer's latency is the model's own
             bos = self.tokenizer.bos_id
-            logits = eng.prefill([bos])
+            logits = eng.prefill([bos, bos])  # two tokens: the matrix kernels (one token takes the vector ones)
             eng.decode(bos)
             eng.reset()
             sample(logits, 0.8, 40, 0.95, 1.1, np.zeros(1, np.int64), 1, 0.5)

@@ -338,3 +338,14 @@ def test_quantize_and_weights_errors_are_one_line(tiny_model_dir, tmp_path):
     (m / q8files.DATA_FILE).write_bytes(b"")
     (m / q8files.JSON_FILE).write_text("[]")
     assert "not an m3lite int8" in one_line_error(run("generate", "hi", "--model", m, "-n", "2", check=False))
+
+
+def test_second_engine_of_an_int8_model_runs_int8(tiny_model_dir):
+    """A Chat's engine (Model.new_engine) shares the int8 weights and runs them too."""
+    m = m3lite.load(tiny_model_dir(), weights="int8")
+    a, b = m.engine(), m.new_engine()
+    assert b.q8 and np.shares_memory(b.q8_weights["w1"][0], a.q8_weights["w1"][0])  # shared, not copied
+    ids = np.arange(5, 30)
+    assert (a.prefill(ids, all_logits=True) == b.prefill(ids, all_logits=True)).all()
+    chat = m.chat()
+    assert chat.engine.q8

@@ -23,11 +23,12 @@ stage() {
 # 8192; 700 x 16 x 256 = 2.9M tokens (35-60 min on 2 cores)
 stage warmup --preset default --corpus wiki:en,dict --dict-max-chars 2000000 --steps 700 --batch 16 \
   --seq-len 256 --lr 1e-3 --warmup-steps 100 --schedule wsd --save-every 100
-# continual training with memory: each 64-token chunk attends to 5 references encoded in the forward pass
-stage memory --model "$RUNS/warmup" --steps 200 --batch 16 --seq-len 256 --lr 5e-4 --warmup-steps 20 \
+# continual training with memory: each 64-token chunk attends to 5 references encoded in the forward pass;
+# wiki only, whose sequences retrieve related references (a dictionary entry's rarely relate to any)
+stage memory --model "$RUNS/warmup" --corpus wiki:en --steps 350 --batch 16 --seq-len 256 --lr 5e-4 --warmup-steps 20 \
   --schedule wsd --save-every 50
 # SFT: questions from the articles' own fields, memories retrieved by the question, loss on the answers
-stage sft --model "$RUNS/memory" --steps 400 --batch 16 --seq-len 256 --lr 3e-4 --warmup-steps 20 \
+stage sft --model "$RUNS/memory" --steps 600 --batch 16 --seq-len 256 --lr 3e-4 --warmup-steps 20 \
   --schedule cosine --save-every 50
 python -m converters.train export "$RUNS/sft" --out "$OUT" --dtype float16   # 17 MB instead of 34
 
