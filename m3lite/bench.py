@@ -153,6 +153,11 @@ def _worker(spec: dict, tmp: Path) -> dict:
     path = tmp / f"spec-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(spec))
     env = dict(os.environ)
+    if spec.get("runtime") != "m3lite":  # peers run with the user's environment, not m3lite's thread settings
+        from . import ENV_SET
+        for k in ENV_SET:
+            env.pop(k, None)
+        env["M3LITE_KEEP_ENV"] = "1"
     root = str(Path(__file__).resolve().parent.parent)  # m3lite and converters importable from the child
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:

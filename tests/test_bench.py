@@ -99,3 +99,22 @@ def test_errors_are_one_line(tmp_path):
     one_line_error(run("bench", "--model", tmp_path, "--preset", "tiny", check=False))
     one_line_error(run("bench", "--preset", "huge", check=False))
     one_line_error(run("bench", "--preset", "tiny", "--report", tmp_path / "r.txt", check=False))
+
+
+def test_thread_settings_are_m3lite_own_and_peers_run_without_them():
+    """import m3lite sets its thread defaults only where the user set none, and M3LITE_KEEP_ENV (what bench
+    gives its peers' workers) sets nothing, so llama.cpp, onnxruntime and PyTorch run as users run them."""
+    import subprocess
+    import sys
+
+    code = "import os, m3lite; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+
+    def run(**extra):
+        env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT",
+                                                                "M3LITE_KEEP_ENV")}
+        return subprocess.run([sys.executable, "-c", code], env=env | extra, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    assert run() == ["30000", "18"]
+    assert run(GOMP_SPINCOUNT="7") == ["7", "18"]
+    assert run(M3LITE_KEEP_ENV="1") == ["None", "None"]
