@@ -10,8 +10,9 @@ One run measures, for each runtime and the same 128-token prompt (token ids, so 
 - onnxruntime over the model's own model.onnx; PyTorch eager (converters.model, when torch is installed);
 - llama.cpp (llama-cpp-python, when installed) over GGUF exports of the same weights, F32 and Q8_0.
 
-Every row runs in its own Python process (`python -m m3lite.bench --worker SPEC`), so its peak RSS is its own and
-no runtime's imports or threads touch another's; m3lite itself never imports torch. Each row is also given as a
+Every row runs in its own Python process (`python -m m3lite.bench --worker SPEC`; the PyTorch row
+`python -m converters.bench_torch --worker SPEC`, since m3lite itself never imports torch), so its peak RSS is its
+own and no runtime's imports or threads touch another's. Each row is also given as a
 ratio to llama.cpp at the same precision (F32 for fp32 rows, Q8_0 for int8 rows) or, without llama.cpp, to m3lite
 fp32 (`ratio_to` says which). The roofline: the machine's copy bandwidth (numpy, bytes read + written per second)
 and the share of it each decode reaches, counting the weight bytes read per token.
@@ -161,7 +162,8 @@ def _worker(spec: dict, tmp: Path) -> dict:
     root = str(Path(__file__).resolve().parent.parent)  # m3lite and converters importable from the child
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        p = subprocess.run([sys.executable, "-m", "m3lite.bench", "--worker", str(path)], capture_output=True,
+        module = "converters.bench_torch" if spec.get("runtime") == "pytorch" else "m3lite.bench"
+        p = subprocess.run([sys.executable, "-m", module, "--worker", str(path)], capture_output=True,
                            text=True, env=env, timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"did not finish in {WORKER_TIMEOUT_S} s"}
@@ -476,7 +478,7 @@ def _run_m3lite(spec: dict, backend: str) -> dict:
                               "references": runs[-1]["references"]})
 
 
-def _greedy_runs(spec: dict, prefill: Callable, step: Callable) -> dict:
+def greedy_runs(spec: dict, prefill: Callable, step: Callable) -> dict:
     """Time `repeats` greedy generations: prefill(ids) -> last logits; step(token) -> next logits."""
     ids, n_new = spec["prompt"], spec["new_tokens"]
 
@@ -495,34 +497,6 @@ def _greedy_runs(spec: dict, prefill: Callable, step: Callable) -> dict:
     once(WARMUP_TOKENS)
     runs = [once(n_new) for _ in range(spec["repeats"])]
     return _median_row(runs, {"prompt_tokens": len(ids), "new_tokens": n_new})
-
-
-def _run_pytorch(spec: dict) -> dict:
-    try:
-        import torch
-    except ImportError:
-        raise Unavailable("torch is not installed") from None
-    from converters.model import from_stacked
-
-    from .modelfile import ModelFiles
-    from .threads import default_threads
-
-    torch.set_num_threads(default_threads())
-    files = ModelFiles.open(spec["model"])
-    model = from_stacked(files.config, files.weights).eval()
-    state: dict = {}
-
-    @torch.inference_mode()
-    def prefill(ids):
-        logits, state["kv"] = model(torch.tensor([ids]), return_kv=True)
-        return logits[0, -1].numpy()
-
-    @torch.inference_mode()
-    def step(tok):
-        logits, state["kv"] = model(torch.tensor([[tok]]), past_kv=state["kv"], return_kv=True)
-        return logits[0, -1].numpy()
-
-    return _greedy_runs(spec, prefill, step)
 
 
 def _run_llama_cpp(spec: dict) -> dict:
@@ -551,7 +525,7 @@ def _run_llama_cpp(spec: dict) -> dict:
         llm.eval([tok])
         return logits()
 
-    out = _greedy_runs(spec, prefill, step)
+    out = greedy_runs(spec, prefill, step)
     out["llama_cpp_version"] = getattr(llama_cpp, "__version__", "?")
     return out
 
@@ -562,15 +536,14 @@ def _row(spec: dict) -> dict:
         return _run_m3lite(spec, "numba")
     if rt == "onnxruntime":
         return _run_m3lite(spec, "onnxruntime")
-    if rt == "pytorch":
-        return _run_pytorch(spec)
     if rt == "llama.cpp":
         return _run_llama_cpp(spec)
     raise BadArgument(f"unknown runtime {rt!r}")
 
 
-def worker_main(argv: list[str]) -> int:
-    """`python -m m3lite.bench --worker SPEC.json`: run one task, print its result as one JSON line."""
+def worker_main(argv: list[str], row: Callable[[dict], dict] = _row) -> int:
+    """`python -m m3lite.bench --worker SPEC.json`: run one task, print its result as one JSON line. `row`
+    measures a row (converters.bench_torch passes its PyTorch one: m3lite never imports torch)."""
     if len(argv) != 2 or argv[0] != "--worker":
         print("usage: python -m m3lite.bench --worker SPEC.json (use `m3lite bench`)", file=sys.stderr)
         return 2
@@ -578,7 +551,7 @@ def worker_main(argv: list[str]) -> int:
     baseline = _proc_status_mb("VmRSS") or 0.0
     t0 = time.perf_counter()
     try:
-        out = _setup(spec) if spec["task"] == "setup" else _row(spec)
+        out = _setup(spec) if spec["task"] == "setup" else row(spec)
     except Unavailable as e:
         out = {"status": "skipped", "reason": str(e)}
     except M3Error as e:
