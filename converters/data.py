@@ -462,7 +462,7 @@ def _tokenizer(path: str):
 
 
 def _encode_many(tok, texts: list[str]) -> list[list[int]]:
-    return tok.sp.encode(texts, out_type=int) if texts else []
+    return tok.encode_batch(texts) if texts else []
 
 
 def build_stage(stage: str, spec: DataSpec, split: str = "train",

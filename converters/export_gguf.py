@@ -87,6 +87,9 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type:
     gguf = _gguf()
     files = open_model(model_dir)
     cfg: ModelConfig = files.config
+    if files.tokenizer_path.suffix != ".model":
+        raise BadArgument(f"{model_dir} has a {files.tokenizer_path.name} tokenizer; the GGUF export writes "
+                          f"sentencepiece models (those trained here) only")
     tok = _tokenizer_fields(files.tokenizer_path)
     if len(tok["tokens"]) != cfg.vocab_size:
         raise BadArgument(f"the tokenizer has {len(tok['tokens'])} pieces but the model's vocab_size is "

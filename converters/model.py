@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m3lite.config import ModelConfig
+from m3lite.kernels.rope import rope_inv_freq
 from m3lite.modelfile import tensor_shapes
 
 from .tokenizer import REF
@@ -49,14 +50,10 @@ Prefix = tuple[torch.Tensor, ...]
 LAYER_KINDS = ("attention_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w3", "w2")
 
 
-def rope_inv_freq(hd: int, theta: float) -> np.ndarray:
-    """RoPE inverse frequencies [hd/2], float32 (computed in float64 so every backend rounds alike)."""
-    return (1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)).astype(np.float32)
-
-
-def rope_cos_sin(positions: torch.Tensor, hd: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(positions: torch.Tensor, hd: int, theta: float,
+                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape positions.shape + [hd], float32."""
-    inv_freq = torch.from_numpy(rope_inv_freq(hd, theta)).to(positions.device)
+    inv_freq = torch.from_numpy(rope_inv_freq(hd, theta, scaling)).to(positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat((angles, angles), dim=-1)
     return emb.cos(), emb.sin()
@@ -237,7 +234,7 @@ class Transformer(nn.Module):
             positions = torch.arange(P, P + T, device=tokens.device)
         if positions.ndim == 1:
             positions = positions[None]
-        cos, sin = rope_cos_sin(positions, self.cfg.hd, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.cfg.hd, self.cfg.rope_theta, self.cfg.rope_scaling)
         x = self.tok_embeddings(tokens)
         presents: list[KV] = []
         for i, layer in enumerate(self.layers):
@@ -424,7 +421,7 @@ def encode_memory(model: Transformer, ref_tokens: torch.Tensor, lengths: torch.T
     _check_references(cfg, ref_tokens, lengths)
     B, T = ref_tokens.shape
     pos = torch.arange(T, device=device)
-    cos, sin = rope_cos_sin(pos[None], cfg.hd, cfg.rope_theta)
+    cos, sin = rope_cos_sin(pos[None], cfg.hd, cfg.rope_theta, cfg.rope_scaling)
     text = (pos[None] >= 1) & (pos[None] < lengths[:, None])  # [B, T]: queries and candidate keys
     n_text = lengths - 1
 
@@ -455,7 +452,8 @@ def ref_kv(model: Transformer) -> KV:
     cfg = model.cfg
     layer_ids = cfg.memory_layer_ids
     tok = torch.full((1, 1), REF, dtype=torch.long, device=model.tok_embeddings.weight.device)
-    cos, sin = rope_cos_sin(torch.zeros(1, 1, dtype=torch.long, device=tok.device), cfg.hd, cfg.rope_theta)
+    cos, sin = rope_cos_sin(torch.zeros(1, 1, dtype=torch.long, device=tok.device), cfg.hd, cfg.rope_theta,
+                            cfg.rope_scaling)
     x = model.tok_embeddings(tok)
     ks, vs = [], []
     for i in range(max(layer_ids) + 1):

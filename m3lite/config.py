@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import BadArgument
 
 
@@ -26,6 +28,7 @@ class ModelConfig:
     head_dim: int | None = None  # None: dim // n_heads
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # see m3lite.kernels.rope.rope_inv_freq
     max_seq_len: int = 1024
     tie_embeddings: bool = True
     # explicit memory (Memory3)
@@ -70,6 +73,15 @@ class ModelConfig:
              "dim must be a multiple of n_heads (or set head_dim)")
         need(self.hd % 2 == 0, "head dimension must be even (RoPE rotates pairs)")
         need(self.norm_eps > 0 and self.rope_theta > 0, "norm_eps and rope_theta must be positive")
+        if self.rope_scaling is not None:
+            from .kernels.rope import rope_inv_freq
+
+            try:
+                ok = np.isfinite(rope_inv_freq(self.hd, self.rope_theta, self.rope_scaling)).all()
+            except (ValueError, KeyError, TypeError) as e:
+                ok = False
+                need(False, f"rope_scaling {self.rope_scaling!r} is not understood ({e})")
+            need(bool(ok), "rope_scaling gives non-finite frequencies")
         if self.memory_layers is not None:
             need(all(0 <= i < self.n_layers for i in self.memory_layers), "memory_layers out of range")
             need(len(set(self.memory_layers)) == len(self.memory_layers), "memory_layers has duplicates")

@@ -1,26 +1,37 @@
-"""The default model (shipped inside the package) and the default bank (wiki:en, built on first use)."""
+"""The default model (SmolLM2-135M-Instruct, pulled on first use) and the default bank (wiki:en, built on first
+use)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .errors import M3Error
-from .modelfile import CONFIG_FILE, atomic_write_bytes, cache_dir
+from .modelfile import atomic_write_bytes, cache_dir
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_MODEL = ASSETS / "default-model"
 DEFAULT_SOURCES = ("wiki:en",)
 
 
-def default_model_dir() -> Path:
-    """$M3LITE_MODEL, else the model shipped in the package."""
+def needs_pull() -> bool:
+    """Whether `default_model_dir()` would have to download the default model first."""
+    from .pull import DEFAULT_NAME, pulled
+
+    return not os.environ.get("M3LITE_MODEL") and pulled(DEFAULT_NAME) is None
+
+
+def default_model_dir(say=None, progress=None) -> Path:
+    """$M3LITE_MODEL, else the default model (m3lite.pull.DEFAULT_NAME), pulled into the cache the first time
+    (`say(line)` announces it; `progress(stage, done, total)` follows the import)."""
+    from .pull import DEFAULT_NAME, model_dir, pull, pulled
+
     env = os.environ.get("M3LITE_MODEL")
     if env:
         return Path(env)
-    if (DEFAULT_MODEL / CONFIG_FILE).is_file():
-        return DEFAULT_MODEL
-    raise M3Error("no default model is installed in this copy of m3lite: pass --model DIR (make a random one "
-                  "with `python -m converters.init --preset tiny --out DIR`)")
+    found = pulled(DEFAULT_NAME)
+    if found is not None:
+        return found
+    if say:
+        say(f"no model given: pulling the default model ({DEFAULT_NAME}) into {model_dir(DEFAULT_NAME)} once "
+            f"(`m3lite pull`; --model DIR or $M3LITE_MODEL use another)")
+    return Path(pull(DEFAULT_NAME, progress=progress, say=say)["model"])
 
 
 def default_sources() -> list[str]:
@@ -33,6 +44,13 @@ def default_bank_dir(model) -> Path:
     """Where the default bank of `model` lives: one per model fingerprint, in the user's cache."""
     tag = "-".join(s.replace(":", "-").replace("/", "_") for s in default_sources())
     return cache_dir() / "banks" / f"{tag}-{model.fingerprint[:16]}"
+
+
+def default_bank_ready(model) -> bool:
+    """Whether the default bank of `model` is built, or the user chose its sources ($M3LITE_DEFAULT_SOURCES:
+    then it is built when first needed, as `ask` always does)."""
+    path = default_bank_dir(model)
+    return bool(os.environ.get("M3LITE_DEFAULT_SOURCES")) or path.with_name(path.name + ".complete").is_file()
 
 
 def ensure_default_bank(model, progress=None, warn=print) -> Path:

@@ -47,7 +47,7 @@ from .threads import default_threads
 
 PREFILL_CHUNK = 128  # tokens per prefill block: enough rows for efficient GEMMs, scratch stays small
 ENCODE_TOKENS = 2048  # tokens (of several references, packed) per encode block
-REF_ID = 4  # the <ref> token that starts every reference (converters.tokenizer.REF)
+REF_ID = 4  # the <ref> token of the tokenizers trained here (converters.tokenizer.REF); the default ref_id
 Q8_TILE_BYTES = 4 << 20  # int8 prefill: weights dequantized per BLAS GEMM (4 MiB: 5% faster than 1 MiB here)
 LINEAR = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")  # the per-layer projections, in the decode step's order
 
@@ -169,8 +169,10 @@ class Engine:
     """
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, np.ndarray], max_ctx: int | None = None,
-                 prefix_capacity: int = 0, n_threads: int | None = None, q8: dict | None = None):
+                 prefix_capacity: int = 0, n_threads: int | None = None, q8: dict | None = None,
+                 ref_id: int = REF_ID):
         self.cfg = cfg
+        self.ref_id = int(ref_id)  # the token that starts every reference (the tokenizer's ref_id)
         self.max_ctx = int(cfg.max_seq_len if max_ctx is None else max_ctx)
         self.prefix_capacity = int(prefix_capacity)
         if self.max_ctx < 1:
@@ -376,7 +378,8 @@ class Engine:
 
     def _ensure_positions(self, n_pos: int) -> None:
         if n_pos > self.cos.shape[0]:
-            self.cos, self.sin = rope_tables(self.cfg.hd, self.cfg.rope_theta, max(n_pos, self.max_ctx))
+            self.cos, self.sin = rope_tables(self.cfg.hd, self.cfg.rope_theta, max(n_pos, self.max_ctx),
+                                             self.cfg.rope_scaling)
 
     def _check_room(self, n: int) -> int:
         if self._n_past + n > self.max_ctx:
@@ -505,7 +508,7 @@ class Engine:
             if a.ndim != 1:
                 raise BadArgument(f"reference {i} must be a 1-D list of token ids, got shape {a.shape}")
             if a.size == 0:
-                raise BadArgument(f"reference {i} is empty: a reference is <ref> (id {REF_ID}) followed by text "
+                raise BadArgument(f"reference {i} is empty: a reference is <ref> (id {self.ref_id}) followed by text "
                                   f"token ids")
             if not np.issubdtype(a.dtype, np.integer):
                 raise BadArgument(f"reference {i} must hold integer token ids, got {a.dtype}")
@@ -514,9 +517,9 @@ class Engine:
                                   f"reference_max_tokens={T} (<ref> included)")
             if a.min() < 0 or a.max() >= V:
                 raise BadArgument(f"reference {i} has token ids from {a.min()} to {a.max()}, outside [0, {V})")
-            if a[0] != REF_ID:
+            if a[0] != self.ref_id:
                 raise BadArgument(f"reference {i} starts with token {a[0]}; every reference must start with the "
-                                  f"<ref> token (id {REF_ID})")
+                                  f"<ref> token (id {self.ref_id})")
             rows.append(a.astype(np.int64))
         return rows
 
@@ -559,7 +562,7 @@ class Engine:
             k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
             pos = np.zeros(shape[:4], np.int32)
             cnt = np.zeros(shape[:3], np.int32)
-            self._encode([np.array([REF_ID], np.int64)], k, v, pos, cnt, select=False)
+            self._encode([np.array([self.ref_id], np.int64)], k, v, pos, cnt, select=False)
             k, v = k[0], v[0]
             k.flags.writeable = False
             v.flags.writeable = False

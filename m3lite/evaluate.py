@@ -4,10 +4,11 @@ For each held-out article that has a description (`m3lite.heldout`: the 10% no t
 bank holds (documents "wiki:LANG/<title>", as `m3lite bank build wiki:en:heldout` makes them), two questions:
 "What is {title}?" (answered by the description) and "Tell me about {title}." (the extract's first sentence).
 
-- QA: each mode (none, memory, rag; the same retrieval, `MemorySession`) answers `qa_prompt(question)` greedily
-  (no repetition penalty), stopping at "\\n"; exact match and token F1 after SQuAD's normalisation.
+- QA: each mode (none, memory, rag; the same retrieval, `MemorySession`) answers the question with `Model.ask`
+  (the model's chat template, or the Question:/Answer: format; greedy, no repetition penalty); exact match and
+  token F1 after SQuAD's normalisation.
 - Retrieval: recall@5, the share of questions whose article's own references are among the 5 found for the
-  question (the query memory and rag modes use: the prompt's first retrieval_interval tokens), for the bank's
+  question (the question alone is the query, as in the modes), for the bank's
   lexical search (BM25 over the references' stored tokens, what the modes use), for the model's own dense
   embedder (HNSW) and for an exact BM25 over the bank's reference texts re-tokenized (the baseline).
 - Speed: medians over the questions of time to first token and decode tokens/s, per mode.
@@ -38,7 +39,6 @@ MODES = ("none", "memory", "rag")
 RECALL_K = 5
 DEFAULT_MAX_TOKENS = 64
 N_EXAMPLES = 5
-STOP = "\n"
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -186,7 +186,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
     """Run the evaluation (see the module's docstring) of `model` with `bank` (an open Bank built by this
     model); `progress(done, total, what)` is called after each question and each summary. Returns the results
     as a JSON-ready dict (fractions in [0, 1], times in ms; None where there is nothing to measure)."""
-    from .memory import MemorySession, qa_prompt
+    from .memory import MemorySession
 
     if bank.fingerprint != model.fingerprint:
         from .bank import FingerprintError
@@ -207,27 +207,25 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
               for r in ("lexical", "dense")}
     live = np.flatnonzero([not bank.is_deleted(i) for i in range(bank.count)])
     texts = [bank.reference(int(i))["text"] for i in live]
-    bm25 = BM25(tok.sp.encode(texts, out_type=int) if texts else [], cfg.vocab_size)
+    bm25 = BM25([tok.encode(t) for t in texts], cfg.vocab_size)
 
-    def answer(prompt: str, mode: str, n: int) -> str:
-        return model.generate(prompt, max_new_tokens=n, temperature=0.0, repetition_penalty=1.0, stop=[STOP],
-                              bank=bank, mode=mode)
+    def answer(question: str, mode: str, n: int) -> str:  # greedy, in the model's chat format
+        return model.ask(question, max_new_tokens=n, bank=bank, mode=mode)
 
     for mode in MODES:  # untimed: the first call of a mode pays one-time costs (compiled code, page faults)
-        answer(qa_prompt(articles[0].questions[0].question), mode, 2)
+        answer(articles[0].questions[0].question, mode, 2)
     per_mode = {m: {"em": [], "f1": [], "ttft": [], "tps": []} for m in MODES}
     recall = {"lexical": 0, "dense": 0, "bm25": 0}
     examples: list[dict] = []
     for art in articles:
         for q in art.questions:
-            prompt = qa_prompt(q.question)
-            query = model.encode_prompt(prompt)[:cfg.retrieval_interval]
+            query = tok.encode(q.question)  # retrieval sees the question alone
             for r, s in search.items():
                 recall[r] += hit((i for i, _ in s.retrieve(query)), art.references)
             recall["bm25"] += hit(live[bm25.ranked(query, RECALL_K)], art.references)
             answers = {}
             for mode in MODES:
-                text = answer(prompt, mode, max_tokens)
+                text = answer(q.question, mode, max_tokens)
                 r = model.last_result
                 answers[mode] = text.strip()
                 acc = per_mode[mode]

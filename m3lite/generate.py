@@ -92,6 +92,9 @@ def _prefill(engine, prompt_ids, memory) -> np.ndarray:
     ids = np.asarray(prompt_ids, np.int64)
     if memory is None:
         return engine.prefill(ids)
+    if memory.query is not None:  # one retrieval for the whole prompt, with the question
+        memory.install(engine, memory.query)
+        return engine.prefill(ids)
     n = memory.model.config.retrieval_interval
     for c0 in range(0, len(ids), n):  # each chunk attends to the memories retrieved for it
         memory.install(engine, ids[c0:c0 + n])
@@ -114,6 +117,7 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
         raise BadArgument(f"the prompt has {len(prompt_ids)} tokens but the context holds {engine.max_ctx}; "
                           f"shorten it")
     rng = np.random.default_rng(p.seed)
+    eos = frozenset(tok.eos_ids)
     recent = np.zeros(max(1, p.repeat_window), np.int64)
     n_recent = 0
     for t in list(prompt_ids)[-p.repeat_window:] if p.repeat_window else []:
@@ -137,7 +141,7 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
                            min(n_recent, len(recent)), rng.random()))
         if i == 0:
             result.ttft_s = time.perf_counter() - t0
-        if token == tok.eos_id:
+        if token in eos:
             result.finish_reason = "stop"
             break
         result.tokens.append(token)

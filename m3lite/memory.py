@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .bank import Bank, BankError
+from .chat_template import qa_prompt, rag_context  # noqa: F401  (the prompt formats; kept importable here)
 from .errors import BadArgument
 from .retrieval import Embedder, MemoryCache, document_frequencies, idf_from_counts
 from .sources import Document, chunk_document, iter_documents
@@ -31,18 +32,6 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise BadArgument(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     return mode
-
-
-# ------------------------------------------------------------------------------------------------ prompts
-
-def qa_prompt(question: str) -> str:
-    """The question format of the SFT stage; `ask` and `chat` use it."""
-    return f"Question: {question.strip()}\nAnswer:"
-
-
-def rag_context(texts: Sequence[str]) -> str:
-    """The retrieved references' text as RAG places it before the prompt."""
-    return "".join(f"Reference: {t.strip()}\n" for t in texts)
 
 
 # ------------------------------------------------------------------------------------------------ banks
@@ -132,6 +121,9 @@ class MemorySession:
     mode: str = "memory"
     top_k: int | None = None
     retriever: str = "lexical"  # lexical: exact BM25 over the bank's tokens; dense: the own embedder over HNSW
+    # what the prompt retrieves with: the user's question (`Model.ask`), never the template around it; None:
+    # each retrieval_interval chunk of a raw prompt retrieves for itself (the paper's schedule)
+    query: list[int] | None = None
     cache: MemoryCache | None = None
     retrieval_s: float = 0.0
     attention_total: float = 0.0  # all attention mass at memory layers while memories were installed

@@ -14,7 +14,7 @@ from .kernels.sampling import sample
 from .generate import GenerationResult, SamplingParams, stream as _stream
 from .modelfile import ModelFiles
 from .quantize import check_weights, load as load_q8, resolve_weights
-from .tokenizer import Tokenizer
+from .tokenizer import load_tokenizer
 
 BACKENDS = ("numba", "onnxruntime")
 
@@ -33,10 +33,19 @@ class Model:
         self.weights = resolve_weights(weights, files)
         self._q8 = load_q8(files, verify=verify) if self.weights == "int8" else None
         self.config: ModelConfig = files.config
-        self.tokenizer = Tokenizer(files.tokenizer_path)
-        if self.tokenizer.vocab_size != self.config.vocab_size:
+        self.tokenizer = load_tokenizer(files.tokenizer_path, files.manifest.get("tokenizer"))
+        # an imported embedding may have more rows than the tokenizer has tokens (padded vocabularies)
+        if not 0 < self.tokenizer.vocab_size <= self.config.vocab_size:
             raise BadArgument(f"tokenizer has {self.tokenizer.vocab_size} pieces but the model expects "
                               f"{self.config.vocab_size}; the model directory is inconsistent")
+        self.chat_template = None  # the model's own (imported models); None: the Question:/Answer: format
+        source = files.manifest.get("chat_template")
+        if source:
+            from .chat_template import ChatTemplate
+
+            meta = files.manifest["tokenizer"]
+            self.chat_template = ChatTemplate(source, bos_token=meta.get("bos_token", ""),
+                                              eos_token=meta.get("eos_token", ""))
         self.n_threads = n_threads
         self._engines: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -64,7 +73,7 @@ class Model:
                 self._engines[backend] = OrtEngine(self.config, self.files.onnx_path, n_threads=self.n_threads)
             eng = self._engines[backend]
             # load the compiled code (numba's cache) now, so the first answer's latency is the model's own
-            bos = self.tokenizer.bos_id
+            bos = max(self.tokenizer.bos_id, 0)
             logits = eng.prefill([bos, bos])  # two tokens: the matrix kernels (one token takes the vector ones)
             eng.decode(bos)
             eng.reset()
@@ -77,7 +86,7 @@ class Model:
         c = self.config
         return Engine(c, weights, n_threads=self.n_threads,
                       prefix_capacity=1 + c.retrieval_top_k * c.memory_tokens_per_head,
-                      q8=self._q8.tensors if self._q8 is not None else None)
+                      q8=self._q8.tensors if self._q8 is not None else None, ref_id=max(self.tokenizer.ref_id, 0))
 
     def new_engine(self):
         """A numba Engine with its own KV cache over this model's weights (those of `engine()`, shared, not
@@ -127,7 +136,7 @@ class Model:
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(self._ids(prompt))
         self.engine(backend)  # fail early on a bad backend name
         session = self.memory_session(bank, mode, backend)
-        it = self._run(ids, params, backend, cancel, session)
+        it = self._run(list(ids), params, backend, cancel, session)
         if stream:
             return it
         for _ in it:
@@ -162,18 +171,59 @@ class Model:
                                    f"this model is {self.fingerprint}): rebuild the bank with this model")
         return MemorySession(self, bank, mode=mode)
 
-    def _rag_ids(self, ids: list[int], session, max_new_tokens: int, notes: list[str]) -> list[int]:
-        """Place the retrieved references' text before the prompt, as many as fit the context (best first)."""
-        from .memory import rag_context
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Text that ends an answer besides the end-of-turn tokens: a template-less model starting the next
+        "Question:" on its own."""
+        return () if self.chat_template is not None else ("\nQuestion:",)
 
-        tok = self.tokenizer
-        found = session.retrieve(ids[:self.config.retrieval_interval])
-        body = ids[1:] if ids and ids[0] == tok.bos_id else ids
-        budget = self.config.max_seq_len - 1 - len(body) - max(1, max_new_tokens)
+    def prompt(self, messages: Sequence[dict], references: Sequence[str] = ()) -> list[int]:
+        """Token ids asking the model to answer `messages` (a conversation ending with a user turn): rendered
+        with the model's chat template, `references` (RAG) inside the last user turn; for a model without a
+        template, the Question:/Answer: format with the references before the question."""
+        from .chat_template import plain_prompt, rag_context, with_references
+
+        msgs = [dict(m) for m in messages]
+        if self.chat_template is not None:
+            if references:
+                msgs[-1]["content"] = with_references(msgs[-1]["content"], references)
+            return self.tokenizer.encode(self.chat_template.render(msgs), special=True)
+        if references:
+            msgs[-1]["context"] = rag_context(references)
+        return self.tokenizer.encode(plain_prompt(msgs), bos=True)
+
+    def ask(self, question: str, bank=None, mode: str | None = None, system: str | None = None,
+            max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+            repetition_penalty: float = 1.0, seed: int | None = None, stream: bool = False,
+            backend: str = "numba", cancel=None) -> str | Iterator[str]:
+        """Answer `question` in the model's chat format (greedy by default), from `bank` in `mode` as
+        `generate`; retrieval searches with the question alone, never with the template around it.
+        Returns the answer (or, with stream=True, an iterator of its pieces); `last_result` as `generate`."""
+        question = check_question(question)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty, seed=seed, stop=self.stop_strings)
+        params.validate()
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        self.engine(backend)
+        session = self.memory_session(bank, mode, backend)
+        if session is not None:
+            session.query = self.tokenizer.encode(question)
+        it = self._run(self.prompt(msgs), params, backend, cancel, session,
+                       with_refs=lambda texts: self.prompt(msgs, texts))
+        if stream:
+            return it
+        for _ in it:
+            pass
+        return self.last_result.text
+
+    def _rag_ids(self, session, query, with_refs, max_new_tokens: int, notes: list[str]) -> list[int]:
+        """The prompt with as many references retrieved for `query` as fit the context (best first)."""
+        found = session.retrieve(query)
+        budget = self.config.max_seq_len - max(1, max_new_tokens)
         texts: list[str] = []
-        refs: list[int] = []
+        ids = with_refs([])
         for n, (i, _) in enumerate(found):
-            cand = tok.encode(rag_context(texts + [session.bank.reference(i)["text"]]))
+            cand = with_refs(texts + [session.bank.reference(i)["text"]])
             if len(cand) > budget:
                 notes.append(f"rag: {len(found) - n} of {len(found)} references left out: the context holds "
                              f"{self.config.max_seq_len} tokens")
@@ -181,10 +231,18 @@ class Model:
                     session.hits.pop(j, None)
                 break
             texts.append(session.bank.reference(i)["text"])
-            refs = cand
-        return [tok.bos_id] + refs + list(body)
+            ids = cand
+        return ids
 
-    def _run(self, ids, params, backend, cancel, session=None) -> Iterator[str]:
+    def _raw_with_refs(self, ids: list[int]):
+        """For a raw prompt (`generate`): references go before it, in the plain RAG format."""
+        from .chat_template import rag_context
+
+        tok = self.tokenizer
+        body = ids[1:] if ids and ids[0] == tok.bos_id else ids
+        return lambda texts: tok.encode("", bos=True) + (tok.encode(rag_context(texts)) if texts else []) + body
+
+    def _run(self, ids, params, backend, cancel, session=None, with_refs=None) -> Iterator[str]:
         with self._guard():
             eng = self.engine(backend)
             eng.reset()
@@ -196,7 +254,10 @@ class Model:
                 result.mode = session.mode
                 t0 = time.perf_counter()
                 if session.mode == "rag":
-                    ids = self._rag_ids(ids, session, params.max_new_tokens, result.notes)
+                    # a raw prompt (`generate`) is its own query: its first chunk
+                    query = session.query if session.query is not None else ids[:self.config.retrieval_interval]
+                    ids = self._rag_ids(session, query, with_refs or self._raw_with_refs(ids),
+                                        params.max_new_tokens, result.notes)
                 else:
                     memory = session
                     eng.pos_offset = self.config.reference_max_tokens
@@ -226,3 +287,10 @@ class Model:
                 model._lock.release()
 
         return _G()
+
+
+def check_question(question) -> str:
+    """A question as asked: BadArgument (one line) when it is not text or holds nothing but whitespace."""
+    if not isinstance(question, str) or not question.strip():
+        raise BadArgument("the question is empty: ask something")
+    return question.strip()

@@ -6,7 +6,9 @@ Layout of a model directory::
                         "tokenizer": {...}, "fingerprint": "..."}   -- written last: the commit point
     model.onnx         the forward graph; its initializers point into model.onnx.data (ONNX external data)
     model.onnx.data    raw little-endian tensors (float32, or float16: half the disk), each 64-byte aligned
-    tokenizer.model    sentencepiece
+    tokenizer.model    sentencepiece (models trained here), or
+    tokenizer.json     a Hugging Face tokenizer (imported models; special ids in the manifest's "tokenizer")
+    model.q8.*         optional int8 weights (m3lite.quantize)
 
 Weights of the same kind are stored stacked over layers ([n_layers, out, in]) so the runtime maps each kind
 as one array; the ONNX graph's per-layer initializers are offsets into those blocks. Linear weights are in
@@ -155,10 +157,12 @@ def write_weights(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: dict[st
 
 
 def write_manifest(out_dir: str | os.PathLike, cfg: ModelConfig, weights_index: dict[str, Any],
-                   extra: dict[str, Any] | None = None) -> str:
-    """Write config.json (the commit point of a model directory); return the fingerprint."""
+                   extra: dict[str, Any] | None = None, tokenizer_file: str = TOKENIZER_FILE,
+                   tokenizer_meta: dict[str, Any] | None = None) -> str:
+    """Write config.json (the commit point of a model directory); return the fingerprint. `tokenizer_meta`
+    (special ids, see m3lite.tokenizer.load_tokenizer) goes into the manifest's tokenizer entry."""
     out = Path(out_dir)
-    tok = out / TOKENIZER_FILE
+    tok = out / tokenizer_file
     if not tok.is_file():
         raise ModelFileError(f"{tok} is missing: write the tokenizer before the manifest")
     tok_sha = sha256_file(tok)
@@ -169,7 +173,7 @@ def write_manifest(out_dir: str | os.PathLike, cfg: ModelConfig, weights_index: 
         "config": cfg.to_dict(),
         "weights": weights_index,
         "onnx": ONNX_FILE,
-        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok_sha},
+        "tokenizer": {**(tokenizer_meta or {}), "file": tokenizer_file, "sha256": tok_sha},
         "fingerprint": fp,
     }
     if extra:

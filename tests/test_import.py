@@ -1,0 +1,125 @@
+"""`m3lite import`: random Llama checkpoints (GGUF of every supported tensor type, Hugging Face folders) give the
+logits of transformers' LlamaForCausalLM on the same weights; foreign, truncated and incomplete checkpoints are
+refused in one line with nothing left behind."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf")
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from clitools import one_line_error, run  # noqa: E402
+from llama_files import transformers_logits, write_gguf, write_hf  # noqa: E402
+
+import m3lite  # noqa: E402
+from m3lite.importers import import_model  # noqa: E402
+
+IDS = [5, 17, 42, 99, 3, 250, 7, 8, 64, 128, 31, 200]
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_gguf_logits_equal_transformers(qtype, tmp_path):
+    src = tmp_path / f"m-{qtype}.gguf"
+    ref = write_gguf(src, qtype, tied=qtype != "Q8_0")  # one untied case (an output.weight tensor)
+    out = import_model(src, tmp_path / "m", weights="fp32")
+    m = m3lite.load(out["model"])
+    want = transformers_logits(ref, IDS, tied=qtype != "Q8_0")
+    got = m.logits(IDS)
+    assert np.abs(got - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+    assert np.abs(m.logits(IDS, backend="onnxruntime") - want).max() < 1e-3
+    assert m.chat_template is not None and m.tokenizer.kind == "bpe"
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float16", "bfloat16"))
+def test_hf_folder_logits_equal_transformers(dtype, tmp_path):
+    ref = write_hf(tmp_path / "hf", dtype=dtype, tied=dtype == "float16")
+    out = import_model(tmp_path / "hf", tmp_path / "m", weights="fp32")
+    m = m3lite.load(out["model"])
+    want = transformers_logits(ref, IDS, tied=dtype == "float16")
+    assert np.abs(m.logits(IDS) - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+
+
+def test_llama3_rope_scaling(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    ref = write_hf(tmp_path / "hf", rope_scaling=scaling)
+    m = m3lite.load(import_model(tmp_path / "hf", tmp_path / "m", weights="fp32")["model"])
+    ids = list(range(3, 200))  # long enough that scaled and plain RoPE differ
+    want = transformers_logits(ref, ids, tied=False, rope_scaling=scaling)
+    assert np.abs(m.logits(ids) - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+    assert m.config.rope_scaling["type"] == "llama3"
+
+
+def test_int8_import_runs_close_to_fp32(tmp_path):
+    src = tmp_path / "m.gguf"
+    write_gguf(src, "Q8_0")
+    fp32 = m3lite.load(import_model(src, tmp_path / "f", weights="fp32")["model"])
+    int8 = m3lite.load(import_model(src, tmp_path / "i", weights="int8")["model"])
+    assert int8.weights == "int8" and fp32.weights == "fp32"
+    a, b = fp32.logits(IDS), int8.logits(IDS)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
+def test_cli_import_json_and_tokenizer_round_trip(tmp_path):
+    src = tmp_path / "m.gguf"
+    write_gguf(src, "Q4_0")
+    p = run("import", src, "--out", tmp_path / "m", "--weights", "fp16", "--json")
+    d = json.loads(p.stdout)
+    assert d["weights"] == "fp16" and d["chat_template"] and d["layers"] == 2
+    m = m3lite.load(d["model"])
+    text = "Paris is the capital of France. <|im_end|> café"
+    assert m.tokenizer.decode(m.tokenizer.encode(text)) == text
+    assert 2 not in m.tokenizer.encode(text)  # user text never becomes an end-of-turn token
+    ids = m.prompt([{"role": "user", "content": "hi"}])
+    assert m.tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # an existing folder is not replaced without --force
+    assert "already exists" in one_line_error(run("import", src, "--out", tmp_path / "m", check=False))
+    run("import", src, "--out", tmp_path / "m", "--force", "--json")
+
+
+def _refused(tmp_path, src, words):
+    out = tmp_path / "out"
+    err = one_line_error(run("import", src, "--out", out, check=False))
+    assert all(w in err for w in words), err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temporary folder left
+    return err
+
+
+def test_foreign_architecture_is_refused(tmp_path):
+    src = tmp_path / "q.gguf"
+    write_gguf(src, "F16", arch="qwen2")
+    _refused(tmp_path, src, ["qwen2", "not supported"])
+    write_hf(tmp_path / "hf", model_type="gpt2")
+    _refused(tmp_path, tmp_path / "hf", ["gpt2", "not supported"])
+
+
+def test_truncated_file_is_refused(tmp_path):
+    src = tmp_path / "m.gguf"
+    write_gguf(src, "Q8_0")
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) * 2 // 3])
+    _refused(tmp_path, src, ["truncated"])
+    hf = tmp_path / "hf"
+    write_hf(hf)
+    shard = sorted(hf.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    _refused(tmp_path, hf, ["truncated"])
+
+
+def test_missing_tensor_is_refused(tmp_path):
+    src = tmp_path / "m.gguf"
+    write_gguf(src, "Q4_1", drop="blk.1.ffn_up.weight")
+    _refused(tmp_path, src, ["blk.1.ffn_up.weight", "missing"])
+
+
+def test_not_a_checkpoint_is_refused(tmp_path):
+    src = tmp_path / "notes.txt"
+    src.write_text("hello")
+    _refused(tmp_path, src, ["neither a GGUF file nor a Hugging Face model folder"])

