@@ -132,7 +132,7 @@ class Chat:
         self.mode = "none"
         if bank is not None:
             self.set_bank(bank)
-        self.set_mode(mode or ("memory" if bank is not None else "none"))
+        self.set_mode(mode or (model.bank_mode if bank is not None else "none"))
         self.engine = model.new_engine()  # a KV cache of its own; the weights are the model's
         # every mode reads the context at positions after the memories' interval, so a conversation can change
         # mode without recomputing it (RoPE attention depends on relative positions only)

@@ -381,7 +381,9 @@ def ask(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     bank: Optional[Path] = typer.Option(None, "--bank", "-b", help=BANK_HELP + " Default (without --model too): "
                                         "Wikipedia summaries, built into the cache on first use."),
-    mode: str = typer.Option("memory", help="memory (explicit memories), rag (references in the prompt) or none."),
+    mode: Optional[str] = typer.Option(None, help="memory (explicit memories), rag (references in the prompt) or "
+                                       "none; default: the model's (memory for models trained here, rag for "
+                                       "imported ones until their memory is adapted)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens in the answer."),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 (default) is greedy."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
@@ -391,9 +393,11 @@ def ask(
     from .memory import check_mode
     from .model import Model, check_question
 
-    check_mode(mode)
+    if mode is not None:
+        check_mode(mode)
     check_question(question)
     m = Model.load(_model_dir(model))
+    mode = mode or m.bank_mode
     if mode != "none" and bank is None:
         bank = _default_bank(m, model, quiet=as_json)
     pieces = m.ask(question, max_new_tokens=max_tokens, temperature=temperature, seed=seed, stream=True,

@@ -153,7 +153,7 @@ class Model:
         """A MemorySession for `bank` in `mode`, or None for the plain model."""
         from .memory import MemorySession, check_mode, open_bank
 
-        mode = check_mode(mode or ("memory" if bank is not None else "none"))
+        mode = check_mode(mode or (self.bank_mode if bank is not None else "none"))
         if mode == "none":
             return None
         if bank is None:
@@ -170,6 +170,13 @@ class Model:
             raise FingerprintError(f"bank {bank.path} was built for another model (fingerprint {bank.fingerprint}, "
                                    f"this model is {self.fingerprint}): rebuild the bank with this model")
         return MemorySession(self, bank, mode=mode)
+
+    @property
+    def bank_mode(self) -> str:
+        """The mode used with a bank when none is asked for: memory for models trained with explicit memory
+        here; rag for imported ones, whose attention has not been adapted to sparse memories (unadapted, they
+        loop; memory adaptation of imported models is issue 13)."""
+        return "rag" if "source" in self.files.manifest else "memory"
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

@@ -243,7 +243,7 @@ def gguf_as_transformers(path):
             name = f"model.layers.{i}.{inv[kind]}.weight"
             if kind in ("attn_q", "attn_k"):
                 a = a[np.argsort(llama_cpp_order(a.shape[0], n_heads if kind == "attn_q" else n_kv))]
-        state[name] = torch.from_numpy(np.ascontiguousarray(a))
+        state[name] = torch.from_numpy(np.array(a, np.float32))  # a writable copy
     cfg = LlamaConfig(vocab_size=state["model.embed_tokens.weight"].shape[0], hidden_size=f("llama.embedding_length"),
                       intermediate_size=f("llama.feed_forward_length"), num_hidden_layers=f("llama.block_count"),
                       num_attention_heads=n_heads, num_key_value_heads=n_kv,
