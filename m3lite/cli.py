@@ -444,10 +444,7 @@ def _chat_bank(m, model: Optional[Path], bank: Optional[Path], mode: Optional[st
     if bank is None and mode != "none" and (model is None or mode is not None):
         from .defaults import default_bank_ready
 
-        if mode is None and not default_bank_ready(m):  # an interactive start does not wait minutes for it
-            typer.echo("m3lite: no bank yet, so answers come from the model alone; `--bank BANK` uses your own "
-                       "(`m3lite bank build ~/notes --out BANK`), `--mode memory` builds the default Wikipedia "
-                       "bank once", err=True)
+        if mode is None and not default_bank_ready(m):  # a start does not wait minutes for it; chat says so
             return None
         return _default_bank(m, model, quiet=False)
     return bank
