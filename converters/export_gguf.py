@@ -80,6 +80,35 @@ def _tokenizer_fields(tokenizer_path: Path) -> dict:
     }
 
 
+def _bpe_fields(files) -> dict:
+    """An imported model's byte-level BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" vocabulary: tokens by
+    id, merges, types (3 for special tokens), the special ids and the pre-tokenizer the import recorded."""
+    import json
+
+    doc = json.loads(files.tokenizer_path.read_text(encoding="utf-8"))
+    model = doc.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise BadArgument(f"{files.tokenizer_path} is not a BPE tokenizer; the GGUF export writes BPE and "
+                          f"sentencepiece vocabularies")
+    vocab = dict(model["vocab"])
+    special = set()
+    for t in doc.get("added_tokens") or ():
+        vocab[t["content"]] = int(t["id"])
+        if t.get("special"):
+            special.add(int(t["id"]))
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(files.config.vocab_size)]
+    for t, i in vocab.items():
+        tokens[i] = t
+    meta = files.manifest["tokenizer"]
+    return {"model": "gpt2", "tokens": tokens[:max(n, files.config.vocab_size)],
+            "types": [3 if i in special else 1 for i in range(len(tokens))],
+            "merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or ()],
+            "pre": meta.get("pre", "default"), "bos": meta.get("bos_id", -1), "eos": meta["eos_ids"][0],
+            "pad": meta.get("pad_id", -1), "add_bos": bool(meta.get("add_bos")),
+            "chat_template": files.manifest.get("chat_template")}
+
+
 def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type: str = "f32") -> Path:
     """Write the base model at `model_dir` as a GGUF file at `out_path` (`type`: f32, f16 or q8_0); return it."""
     if type not in TYPES:
@@ -87,10 +116,10 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, type:
     gguf = _gguf()
     files = open_model(model_dir)
     cfg: ModelConfig = files.config
-    if files.tokenizer_path.suffix != ".model":
-        raise BadArgument(f"{model_dir} has a {files.tokenizer_path.name} tokenizer; the GGUF export writes "
-                          f"sentencepiece models (those trained here) only")
-    tok = _tokenizer_fields(files.tokenizer_path)
+    if files.tokenizer_path.suffix == ".json":
+        tok = _bpe_fields(files)
+    else:
+        tok = _tokenizer_fields(files.tokenizer_path)
     if len(tok["tokens"]) != cfg.vocab_size:
         raise BadArgument(f"the tokenizer has {len(tok['tokens'])} pieces but the model's vocab_size is "
                           f"{cfg.vocab_size}")
@@ -121,18 +150,36 @@ def _write(gguf, path: Path, cfg: ModelConfig, files, tok: dict, type: str) -> N
     w.add_file_type(ftype)
     if type == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tok["tokens"])
-    w.add_token_scores(tok["scores"])
-    w.add_token_types(tok["types"])
-    w.add_unk_token_id(UNK)
-    w.add_bos_token_id(BOS)
-    w.add_eos_token_id(EOS)
-    w.add_pad_token_id(PAD)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(tok["add_space_prefix"])
-    w.add_remove_extra_whitespaces(tok["remove_extra_whitespaces"])
+    if tok.get("model") == "gpt2":
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(tok["pre"])
+        w.add_token_list(tok["tokens"])
+        w.add_token_types(tok["types"])
+        w.add_token_merges(tok["merges"])
+        for add, key in ((w.add_bos_token_id, "bos"), (w.add_eos_token_id, "eos"), (w.add_pad_token_id, "pad")):
+            if tok[key] >= 0:
+                add(tok[key])
+        w.add_add_bos_token(tok["add_bos"])
+        if tok["chat_template"]:
+            w.add_chat_template(tok["chat_template"])
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tok["tokens"])
+        w.add_token_scores(tok["scores"])
+        w.add_token_types(tok["types"])
+        w.add_unk_token_id(UNK)
+        w.add_bos_token_id(BOS)
+        w.add_eos_token_id(EOS)
+        w.add_pad_token_id(PAD)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(tok["add_space_prefix"])
+        w.add_remove_extra_whitespaces(tok["remove_extra_whitespaces"])
+    if cfg.rope_scaling:  # llama.cpp's form of any scaling: each frequency's divisor
+        from m3lite.kernels.rope import rope_inv_freq
+
+        factors = rope_inv_freq(cfg.hd, cfg.rope_theta) / rope_inv_freq(cfg.hd, cfg.rope_theta, cfg.rope_scaling)
+        w.add_tensor("rope_freqs.weight", factors.astype(np.float32))
 
     for kind, layer, a in model_tensors(cfg, files.weights, tied_output=True):
         a = np.asarray(a, dtype=np.float32)

