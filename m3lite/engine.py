@@ -30,6 +30,7 @@ Explicit memory (Memory3), besides `set_prefix`:
 from __future__ import annotations
 
 import math
+import mmap
 
 import numba
 import numpy as np
@@ -92,8 +93,12 @@ def _decode_thread(t, T, token, slot, pos, attn_start, eps, scale, n_rep,
     nq, nk = q.shape[0], k.shape[0]
     D, F = x.shape[0], hb.shape[0]
     if t == 0:
-        for i in range(D):
-            x[i] = emb[token, i]
+        if emb.shape[0] == 0:  # int8 with tied embeddings: the row of the int8 head is the embedding
+            for i in range(D):
+                x[i] = numba.float32(q_out[token, i]) * s_out[token, i // QK]
+        else:
+            for i in range(D):
+                x[i] = emb[token, i]
     barrier(sync, T)
     for l in range(attn_norm.shape[0]):
         rmsnorm(x, attn_norm[l], eps, xb)
@@ -137,6 +142,14 @@ def _store_kv(k, v, k_cache, v_cache, slot0, hd, cos, sin, pos0):
                 v_cache[h, slot0 + i, j] = v[i, h * hd + j]
 
 
+def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array of zeros whose memory is taken only where it is written: anonymous mmap pages. numpy
+    asks for transparent huge pages on large arrays, so writing the first positions of each (layer, head) slab of
+    a KV cache made resident all of it (180 MB for SmolLM2's 8,192-token context, whatever the context used)."""
+    n = int(np.prod(shape)) * 4
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.float32, count=n // 4).reshape(shape)
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     """A read-only plain-ndarray view (no copy): one numba signature for memmaps and in-memory arrays alike."""
     a = np.asarray(a).view(np.ndarray)
@@ -176,6 +189,8 @@ class Engine:
         self.q8 = q8 is not None
         if self.q8:  # int8 runs the projections and the head: their float weights are not needed
             want = {name: shape for name, shape in want.items() if name not in LINEAR and name != "output"}
+            if cfg.tie_embeddings:  # nor the embedding: it is the int8 head's rows (no float32 copy of it)
+                del want["tok_embeddings"]
         missing = sorted(set(want) - set(weights))
         if missing:
             raise BadArgument(f"weights do not match the config: missing {', '.join(missing)}")
@@ -193,7 +208,6 @@ class Engine:
                 a = np.ascontiguousarray(a)  # only for hand-made weights; model files are contiguous
             w[name] = _readonly(a)
         self.weights = w
-        self.tok_embeddings = w["tok_embeddings"]
         self.attention_norm = w["attention_norm"]
         self.ffn_norm = w["ffn_norm"]
         self.norm = w["norm"]
@@ -202,6 +216,7 @@ class Engine:
         # the weight set not run is a placeholder of the same type: fp32 and int8 share one compiled decode step
         f3, f2 = _readonly(np.zeros((L, 0, 0), np.float32)), _readonly(np.zeros((0, 0), np.float32))
         self.wq, self.wk, self.wv, self.wo, self.w1, self.w3, self.w2 = (w.get(n, f3) for n in LINEAR)
+        self.tok_embeddings = w.get("tok_embeddings", f2)  # empty: rows of the int8 head (`embed`)
         self.output = f2 if self.q8 else w["tok_embeddings"] if cfg.tie_embeddings else w["output"]
         self.q8_weights = self._check_q8(q8, tensor_shapes(cfg)) if self.q8 else {
             n: (_readonly(np.zeros((L, 0, 0), np.int8)), f3) for n in LINEAR} | {
@@ -220,8 +235,8 @@ class Engine:
         self.capacity = self.prefix_capacity + self.max_ctx
 
         # KV cache and memory-attention bookkeeping
-        self.k_cache = np.zeros((L, n_kv, self.capacity, hd), np.float32)
-        self.v_cache = np.zeros((L, n_kv, self.capacity, hd), np.float32)
+        self.k_cache = _lazy_zeros((L, n_kv, self.capacity, hd))
+        self.v_cache = _lazy_zeros((L, n_kv, self.capacity, hd))
         self.attn_start = np.full((L, n_kv), self.prefix_capacity, np.int64)
         self.pos_offset = 0
         self._n_past = 0
@@ -428,6 +443,15 @@ class Engine:
         self._mm(xn[-1:], "output", 0, last)
         return last[0]
 
+    def embed(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """out [n, dim] = the embeddings of the token ids."""
+        if self.tok_embeddings.shape[0]:
+            np.take(self.tok_embeddings, ids, axis=0, out=out)
+            return
+        values, scales = self.q8_weights["output"]
+        D = out.shape[1]
+        np.multiply(values[ids, :D], np.repeat(scales[ids], QK, axis=1)[:, :D], out=out)
+
     def _mm(self, x: np.ndarray, kind: str, l: int, out: np.ndarray) -> None:
         """out = x @ W.T on rows of tokens, for the projection `kind` of layer l or the head ("output")."""
         if not self.q8:
@@ -463,7 +487,7 @@ class Engine:
         x, xb = self.px[:m], self.pxb[:m]
         q, k, v, ao = self.pq[:m], self.pk[:m], self.pv[:m], self.pao[:m]
         h1, h3 = self.ph1[:m], self.ph3[:m]
-        np.take(self.tok_embeddings, ids, axis=0, out=x)
+        self.embed(ids, x)
         for l in range(self.cfg.n_layers):
             rmsnorm_rows(x, self.attention_norm[l], self.eps, xb)
             self._mm(xb, "wq", l, q)
@@ -593,7 +617,7 @@ class Engine:
         pos = np.arange(N, dtype=np.int64) - np.repeat(starts, lengths)
         x, xb, q, k, v, ao = (sc[name][:N] for name in ("x", "xb", "q", "k", "v", "ao"))
         h1, h3 = sc["h1"][:N], sc["h3"][:N]
-        np.take(self.tok_embeddings, np.concatenate(rows), axis=0, out=x)
+        self.embed(np.concatenate(rows), x)
         last = max(self.memory_layers)
         slot_of = {layer: i for i, layer in enumerate(self.memory_layers)}
         g_idx = np.arange(G)[None, :, None]
