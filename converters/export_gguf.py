@@ -32,7 +32,6 @@ from m3lite.errors import BadArgument
 from .export_hf import BOS, EOS, PAD, UNK, atomic_path, model_tensors, open_model, run_cli
 
 TYPES = ("f32", "f16", "q8_0")
-VERSION = 1  # bump when the files this writes change (m3lite bench caches its exports by fingerprint and this)
 GGUF_LAYER_NAMES = {
     "attention_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
     "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down",

@@ -21,6 +21,7 @@ Missing peers are reported as skipped, with the reason; speeds are reported, nev
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -423,20 +424,38 @@ def _setup(spec: dict) -> dict:
            "prompt": prompt, "bank": str(bank), "bank_references": stats["count"], "gguf": {}}
     if spec["gguf"]:
         try:
-            from converters.export_gguf import VERSION, export_gguf
-
+            version = _tool_version("export_gguf")
             for precision, type in GGUF_TYPE.items():
-                path = root / "gguf" / f"{files.fingerprint}.{type}.v{VERSION}.gguf"
+                path = root / "gguf" / f"{files.fingerprint}.{type}.{version}.gguf"
                 if not path.is_file():
-                    export_gguf(model_dir, path, type=type)
+                    _run_tool("converters.export_gguf", model_dir, "--out", path, "--type", type)
                 out["gguf"][precision] = str(path)
-        except (M3Error, ImportError, OSError) as e:
+        except (M3Error, OSError) as e:
             out["gguf_error"] = f"GGUF export failed: {str(e).splitlines()[0]}"
     return out
 
 
+# The bench makes its inputs with the converters' command-line tools (random preset models, GGUF exports), run
+# as programs like the peers it measures: m3lite itself never imports the converters.
+
+def _tool_version(name: str) -> str:
+    """A short hash of converters/NAME.py: cached outputs of a tool are remade when the tool changes."""
+    spec = importlib.util.find_spec("converters")  # a top-level name: found without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise BadArgument("the bench needs the converters package (installed with m3lite from its source tree)")
+    source = Path(list(spec.submodule_search_locations)[0]) / f"{name}.py"
+    return hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+
+
+def _run_tool(module: str, *args) -> None:
+    p = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True)
+    if p.returncode != 0:
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        raise M3Error(f"{module} failed: {lines[-1] if lines else f'exit status {p.returncode}'}")
+
+
 def _preset_model(preset: str, path: Path) -> Path:
-    """A random model of `preset` (seed 0) at `path`, made once (converters.init: numpy and onnx, no torch)."""
+    """A random model of `preset` (seed 0) at `path`, made once (`python -m converters.init`: numpy and onnx)."""
     from .config import ModelConfig
     from .modelfile import ModelFiles
 
@@ -446,12 +465,7 @@ def _preset_model(preset: str, path: Path) -> Path:
             return path
     except M3Error:
         pass
-    try:
-        from converters.init import init_model_dir
-    except ImportError as e:
-        raise BadArgument(f"--preset needs the converters' dependencies ({e.name}): pip install 'm3lite[bench]', "
-                          f"or pass --model DIR") from None
-    init_model_dir(path, cfg, seed=0)
+    _run_tool("converters.init", "--preset", preset, "--out", path, "--seed", 0)
     return path
 
 

@@ -5,8 +5,8 @@ bank holds (documents "wiki:LANG/<title>", as `m3lite bank build wiki:en:heldout
 "What is {title}?" (answered by the description) and "Tell me about {title}." (the extract's first sentence).
 
 - QA: each mode (none, memory, rag; the same retrieval, `MemorySession`) answers the question with `Model.ask`
-  (the model's chat template, or the Question:/Answer: format; greedy, no repetition penalty); exact match and
-  token F1 after SQuAD's normalisation.
+  (the model's chat template, or the Question:/Answer: format; greedy, no repetition penalty), stopping at
+  "\\n"; exact match and token F1 after SQuAD's normalisation.
 - Retrieval: recall@5, the share of questions whose article's own references are among the 5 found for the
   question (the question alone is the query, as in the modes), for the bank's
   lexical search (BM25 over the references' stored tokens, what the modes use), for the model's own dense
@@ -39,6 +39,7 @@ MODES = ("none", "memory", "rag")
 RECALL_K = 5
 DEFAULT_MAX_TOKENS = 64
 N_EXAMPLES = 5
+STOP = "\n"  # an answer is its first line: the gold answers are one phrase or sentence
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -209,8 +210,8 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
     texts = [bank.reference(int(i))["text"] for i in live]
     bm25 = BM25([tok.encode(t) for t in texts], cfg.vocab_size)
 
-    def answer(question: str, mode: str, n: int) -> str:  # greedy, in the model's chat format
-        return model.ask(question, max_new_tokens=n, bank=bank, mode=mode)
+    def answer(question: str, mode: str, n: int) -> str:  # greedy, in the model's chat format, first line
+        return model.ask(question, max_new_tokens=n, bank=bank, mode=mode, stop=[STOP])
 
     for mode in MODES:  # untimed: the first call of a mode pays one-time costs (compiled code, page faults)
         answer(articles[0].questions[0].question, mode, 2)

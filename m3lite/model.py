@@ -201,14 +201,15 @@ class Model:
 
     def ask(self, question: str, bank=None, mode: str | None = None, system: str | None = None,
             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
-            repetition_penalty: float = 1.0, seed: int | None = None, stream: bool = False,
-            backend: str = "numba", cancel=None) -> str | Iterator[str]:
+            repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+            stream: bool = False, backend: str = "numba", cancel=None) -> str | Iterator[str]:
         """Answer `question` in the model's chat format (greedy by default), from `bank` in `mode` as
         `generate`; retrieval searches with the question alone, never with the template around it.
         Returns the answer (or, with stream=True, an iterator of its pieces); `last_result` as `generate`."""
         question = check_question(question)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, seed=seed, stop=self.stop_strings)
+                                repetition_penalty=repetition_penalty, seed=seed,
+                                stop=self.stop_strings + tuple(stop))
         params.validate()
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
         self.engine(backend)

@@ -76,9 +76,13 @@ def pull(name: str = DEFAULT_NAME, force: bool = False, progress: Callable[[str,
     if not force and pulled(name) is not None:
         files = ModelFiles.open(out, verify=False)
         return {"model": str(out), "sha256": entry["sha256"], "params": files.config.n_params(), "pulled": False}
-    work = cache_dir() / "downloads" / f"{name}.{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    from .importers import remove_stale
+
+    downloads = cache_dir() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    remove_stale(downloads, f"{name}.")
+    work = downloads / f"{name}.{os.getpid()}"
+    work.mkdir()
     ckpt = checkpoint_path(name)
     try:
         if not ckpt.is_file():  # renamed into place only once checked: a file there is whole

@@ -139,3 +139,32 @@ def test_gguf_export_of_an_imported_model_round_trips(tmp_path):
     assert b.tokenizer.encode(text, special=True) == a.tokenizer.encode(text, special=True)
     assert b.tokenizer.eos_ids == a.tokenizer.eos_ids and b.tokenizer.add_bos == a.tokenizer.add_bos
     assert b.chat_template.source == a.chat_template.source
+
+
+@pytest.mark.parametrize("delay", (0.3, 0.8, 1.5, 2.5))
+def test_killed_import_leaves_nothing_that_looks_complete(delay, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from m3lite.errors import ModelFileError
+    from m3lite.modelfile import ModelFiles
+
+    src = tmp_path / "m.gguf"
+    write_gguf(src, "Q4_K")
+    out = tmp_path / "m"
+    p = subprocess.Popen([sys.executable, "-m", "m3lite", "import", str(src), "--out", str(out), "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    if out.exists():  # the rename happened: the model is whole
+        ModelFiles.open(out)
+    else:
+        with pytest.raises(ModelFileError):
+            ModelFiles.open(out)
+    # a later import succeeds whatever was left, and clears the killed one's temporary folder
+    import_model(src, out, weights="int8", force=True)
+    assert ModelFiles.open(out).config.n_layers == 2
+    assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".")] == []

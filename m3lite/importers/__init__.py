@@ -59,8 +59,9 @@ def import_model(src: str | os.PathLike, out: str | os.PathLike, weights: str = 
     from ..tokenizer import load_tokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    for prefix in (f".{out.name}.importing-", f".{out.name}.old-"):
+        remove_stale(out.parent, prefix)
     tmp = out.with_name(f".{out.name}.importing-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         tok_path = tmp / TOKENIZER_JSON
@@ -96,6 +97,19 @@ def import_model(src: str | os.PathLike, out: str | os.PathLike, weights: str = 
     return {"model": str(out), "fingerprint": fp, "weights": weights, "params": cfg.n_params(),
             "source": str(src), "layers": cfg.n_layers, "vocab": cfg.vocab_size,
             "chat_template": ck.chat_template is not None, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def remove_stale(folder: Path, prefix: str) -> None:
+    """Remove the folders `prefix + PID` in `folder` that a killed process left (its PID no longer runs)."""
+    for p in folder.glob(prefix + "*"):
+        try:
+            os.kill(int(p.name[len(prefix):].split(".")[0]), 0)
+            continue  # still running: not ours to remove
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _replace(tmp: Path, out: Path) -> None:
