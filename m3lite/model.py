@@ -136,12 +136,7 @@ class Model:
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(self._ids(prompt))
         self.engine(backend)  # fail early on a bad backend name
         session = self.memory_session(bank, mode, backend)
-        it = self._run(list(ids), params, backend, cancel, session)
-        if stream:
-            return it
-        for _ in it:
-            pass
-        return self.last_result.text
+        return _text_or_stream(self._run(list(ids), params, backend, cancel, session), stream, self)
 
     def chat(self, bank=None, mode: str | None = None, **settings):
         """A conversation with this model (an `m3lite.Chat`), optionally over `bank`; see `m3lite.chat`."""
@@ -218,11 +213,7 @@ class Model:
             session.query = self.tokenizer.encode(question)
         it = self._run(self.prompt(msgs), params, backend, cancel, session,
                        with_refs=lambda texts: self.prompt(msgs, texts))
-        if stream:
-            return it
-        for _ in it:
-            pass
-        return self.last_result.text
+        return _text_or_stream(it, stream, self)
 
     def _rag_ids(self, session, query, with_refs, max_new_tokens: int, notes: list[str]) -> list[int]:
         """The prompt with as many references retrieved for `query` as fit the context (best first)."""
@@ -295,6 +286,15 @@ class Model:
                 model._lock.release()
 
         return _G()
+
+
+def _text_or_stream(pieces: Iterator[str], stream: bool, model: Model) -> str | Iterator[str]:
+    """A generation's pieces as the caller asked: the iterator, or run to the end and the whole text."""
+    if stream:
+        return pieces
+    for _ in pieces:
+        pass
+    return model.last_result.text
 
 
 def check_question(question) -> str:
