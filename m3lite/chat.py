@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import BadArgument, BusyError, M3Error
 from .generate import GenerationResult, SamplingParams, stream as _stream
-from .chat_template import plain_prompt, rag_context, with_references
+from .chat_template import rag_context, with_references
 from .memory import MemorySession, check_mode
 from .modelfile import atomic_write_bytes
 
@@ -51,16 +51,6 @@ class Turn:
     references: list[dict] = field(default_factory=list)
     finish_reason: str = "stop"
     mode: str = "none"
-
-
-def transcript(turns: Sequence[Turn], question: str, context: str = "", system: str = "") -> str:
-    """The conversation in the plain format of models without a chat template:
-    "Question: q1\nAnswer: a1\nQuestion: q2\nAnswer:" (an optional system text first, on its own line)."""
-    msgs = [{"role": "system", "content": system}] if system.strip() else []
-    for t in turns:
-        msgs += [{"role": "user", "content": t.question, "context": t.context},
-                 {"role": "assistant", "content": t.answer}]
-    return plain_prompt(msgs + [{"role": "user", "content": question, "context": context}])
 
 
 def reference_summary(r: dict) -> dict:

@@ -8,7 +8,7 @@ prompt matches what the model was trained on byte for byte:
     prompt = tpl.render([{"role": "user", "content": "Hi"}])    # ends with the assistant's header
     tpl.assistant_suffix()                                       # e.g. "<|im_end|>\\n": closes an answer
 
-Models without a template use `plain_prompt`, the format of `m3lite.chat.transcript`.
+Models without a template use `plain_prompt`, the format the models trained here learned.
 """
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def rag_context(texts: Sequence[str]) -> str:
 
 
 def plain_prompt(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """`messages` in the SFT format that `m3lite.chat.transcript` writes: the system text on its own line, then
+    """`messages` in the SFT format of the models trained here: the system text on its own line, then
     "Question: q\\nAnswer: a" per turn, joined by newlines; a final user message (required with
     `add_generation_prompt`) ends open, with "Answer:". A user message's optional "context" key is text placed
     before its question (RAG's references), as a Turn's `context`."""

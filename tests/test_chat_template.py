@@ -1,5 +1,5 @@
 """m3lite.chat_template: model chat templates render as transformers' apply_chat_template does; plain prompts
-match m3lite.chat.transcript."""
+are the SFT format of the models trained here."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from m3lite.chat import Turn, transcript
 from m3lite.chat_template import (REFERENCES_PROMPT, ChatTemplate, TemplateError, plain_prompt,
                                   with_references)
 from m3lite.errors import BadArgument, ModelFileError
@@ -232,25 +231,29 @@ def test_render_kwargs_and_messages_untouched():
 # ---- plain prompts -----------------------------------------------------------------------------------------
 
 def as_messages(turns, question, system=""):
+    """turns: (question, answer, context) triples."""
     msgs = [{"role": "system", "content": system}] if system else []
-    for t in turns:
-        msgs.append({"role": "user", "content": t.question, **({"context": t.context} if t.context else {})})
-        if t.answer:
-            msgs.append({"role": "assistant", "content": t.answer})
+    for q, a, c in turns:
+        msgs.append({"role": "user", "content": q, **({"context": c} if c else {})})
+        if a:
+            msgs.append({"role": "assistant", "content": a})
     return msgs
 
 
-@pytest.mark.parametrize("turns,question,context,system", [
-    ([], "What is a volcano?", "", ""),
-    ([], "  What is a volcano? ", "", "  Be brief.  "),
-    ([Turn("What is a volcano?", "A mountain.")], "Where is Etna?", "", "Be brief."),
-    ([Turn("q1", "a1"), Turn("q2", ""), Turn(" q3 ", " a3\n")], "q4", "", "   "),
-    ([Turn("q1", "a1", context="Reference: one\n")], "q2", "Reference: two\nReference: three\n", "sys"),
+# the format the models trained here learned in their SFT stage, written out by hand
+@pytest.mark.parametrize("turns,question,context,system,want", [
+    ([], "What is a volcano?", "", "", "Question: What is a volcano?\nAnswer:"),
+    ([], "  What is a volcano? ", "", "  Be brief.  ", "Be brief.\nQuestion: What is a volcano?\nAnswer:"),
+    ([("What is a volcano?", "A mountain.", "")], "Where is Etna?", "", "Be brief.",
+     "Be brief.\nQuestion: What is a volcano?\nAnswer: A mountain.\nQuestion: Where is Etna?\nAnswer:"),
+    ([("q1", "a1", ""), ("q2", "", ""), (" q3 ", " a3\n", "")], "q4", "", "   ",
+     "Question: q1\nAnswer: a1\nQuestion: q2\nAnswer:\nQuestion: q3\nAnswer:  a3\n\nQuestion: q4\nAnswer:"),
+    ([("q1", "a1", "Reference: one\n")], "q2", "Reference: two\nReference: three\n", "sys",
+     "sys\nReference: one\nQuestion: q1\nAnswer: a1\nReference: two\nReference: three\nQuestion: q2\nAnswer:"),
 ])
-def test_plain_prompt_matches_transcript(turns, question, context, system):
+def test_plain_prompt_writes_the_sft_format(turns, question, context, system, want):
     msgs = as_messages(turns, question, system) + [
         {"role": "user", "content": question, **({"context": context} if context else {})}]
-    want = transcript(turns, question, context=context, system=system)
     assert plain_prompt(msgs) == want
     # a closed turn continues the same text
     assert plain_prompt(msgs + [{"role": "assistant", "content": "done"}], add_generation_prompt=False) == \
