@@ -27,7 +27,9 @@ ROLES = ("system", "user", "assistant")
 SPLIT_MARKER = "<<M3LITE_SPLIT>>"
 
 # The user turn of a RAG question for a chat model: plain words a 135M instruct model follows.
-REFERENCES_PROMPT = "Use these notes to answer.\n\n{notes}\n\nQuestion: {question}"
+# "in one short sentence": on 80 held-out questions, F1 35.0 against 28.6 for "Use these notes to answer." (5
+# references); putting the question first scored 22.8
+REFERENCES_PROMPT = "Use these notes to answer in one short sentence.\n\n{notes}\n\nQuestion: {question}"
 REFERENCE_LINE = "[{n}] {text}"
 
 
