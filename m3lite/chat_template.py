@@ -27,9 +27,10 @@ ROLES = ("system", "user", "assistant")
 SPLIT_MARKER = "<<M3LITE_SPLIT>>"
 
 # The user turn of a RAG question for a chat model: plain words a 135M instruct model follows.
-# "in one short sentence": on 80 held-out questions, F1 35.0 against 28.6 for "Use these notes to answer." (5
-# references); putting the question first scored 22.8
-REFERENCES_PROMPT = "Use these notes to answer in one short sentence.\n\n{notes}\n\nQuestion: {question}"
+# Measured with the default model: on 16 questions about 6 made-up notes, this wording's answers contain the fact
+# 15 times; "...answer in one short sentence." 11 (it scores higher held-out F1, 35.0 against 28.6 on 80
+# questions, by being short, and answers the wrong fact more often); "Answer this question with the notes above" 14
+REFERENCES_PROMPT = "Use these notes to answer.\n\n{notes}\n\nQuestion: {question}"
 REFERENCE_LINE = "[{n}] {text}"
 
 

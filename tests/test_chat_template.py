@@ -273,8 +273,8 @@ def test_plain_prompt_refusals():
 
 def test_with_references():
     text = with_references(" Where is Etna? ", ["Etna is in Sicily.\n", "  ", "It erupts often."])
-    assert text == ("Use these notes to answer in one short sentence.\n\n[1] Etna is in Sicily.\n[2] It erupts "
-                    "often.\n\nQuestion: Where is Etna?")
+    assert text == ("Use these notes to answer.\n\n[1] Etna is in Sicily.\n[2] It erupts often.\n\n"
+                    "Question: Where is Etna?")
     assert text == REFERENCES_PROMPT.format(notes="[1] Etna is in Sicily.\n[2] It erupts often.",
                                             question="Where is Etna?")
     assert with_references("Q?", []) == "Q?"

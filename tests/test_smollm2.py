@@ -143,3 +143,44 @@ def test_llama_cpp_on_our_gguf_export_agrees_with_fp32(smollm2, fp32_dir, tmp_pa
                 got.append(int(logits().argmax()))
                 llm.eval([got[-1]])
             assert got == _greedy(fp32, ids, 8), q
+
+
+NOTES = {
+    "zorbel.md": "Zorbel Quint is a lighthouse keeper who lives on the island of Varra. He was born in 1931 in the "
+                 "town of Helmsby.",
+    "glassworks.md": "The Ostrava Glassworks was founded in 1874 by Klara Menz. Its furnace burns at 1,450 degrees "
+                     "and it employs 212 people.",
+    "tessel.md": "The river Tessel rises in the Dunmoor hills and flows 318 kilometres to the port of Carrow. Its "
+                 "largest tributary is the Brenn.",
+    "bluefin.md": "Project Bluefin ships on 14 March. The release manager is Priya Natarajan. The staging server, "
+                  "kestrel, runs in Frankfurt.",
+    "cat.md": "The Velloran cat has blue-grey fur and weighs about 4 kilograms. It was first bred in the village of "
+              "Ast in 1962.",
+    "solen.md": "Mira Solen wrote the novel The Salt Orchard in 2004. She lives in Halden with her two dogs, Pim and "
+                "Oskar.",
+}
+QA = [("Where was Zorbel Quint born?", "Helmsby"), ("What does Zorbel Quint do?", "lighthouse"),
+      ("When was the Ostrava Glassworks founded?", "1874"), ("Who founded the Ostrava Glassworks?", "Klara Menz"),
+      ("How many people work at the Ostrava Glassworks?", "212"), ("How long is the river Tessel?", "318"),
+      ("Where does the river Tessel flow to?", "Carrow"), ("What is the largest tributary of the Tessel?", "Brenn"),
+      ("When does Project Bluefin ship?", "14 March"), ("Where does the staging server kestrel run?", "Frankfurt"),
+      ("How much does a Velloran cat weigh?", "4"), ("Where was the Velloran cat first bred?", "Ast"),
+      ("Who wrote The Salt Orchard?", "Mira Solen"), ("What are the names of Mira Solen's dogs?", "Pim"),
+      ("Where does Mira Solen live?", "Halden"), ("When was The Salt Orchard written?", "2004")]
+
+
+def test_answers_from_made_up_notes(smollm2, tmp_path):
+    """Facts no pretrained model can know, asked of `Model.ask` over the notes' bank (rag, the imported models'
+    default): 15 of 16 answers held the fact when measured; a prompt or retrieval regression drops below 13."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for name, text in NOTES.items():
+        (notes / name).write_text(text)
+    m = m3lite.load(smollm2[0])
+    bank = tmp_path / "bank"
+    from m3lite.memory import build_or_add
+
+    build_or_add(m, bank, [str(notes)], warn=lambda s: None)
+    answers = [(q, a, m.ask(q, bank=bank, max_new_tokens=64)) for q, a in QA]
+    right = [x for x in answers if x[1].lower() in x[2].lower()]
+    assert len(right) >= 13, [x for x in answers if x not in right]
