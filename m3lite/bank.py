@@ -2,21 +2,26 @@
 
 A bank is a folder::
 
-    manifest.json     the commit point, replaced atomically: shapes, fingerprint, committed lengths, checksums
+    manifest.json     the commit point, replaced atomically: shapes, fingerprint, committed lengths, checksums;
+                      its own sha256 in "checksum"
     memories.bin      fixed-size records, one per reference (numpy structured dtype, read through memmap)
-    crc.u32           crc32 of each memory record
-    refs.bin          one REF_DTYPE record per reference: document, char offsets, text slice, tokens, flags
+    checks.bin        one CHECK_DTYPE record per reference: crc32 of its memory, text, tokens, terms and vector
+    refs.bin          one REF_DTYPE record per reference: document, char offsets, text slice, tokens, terms
     texts.bin         the reference texts, UTF-8, concatenated
     docs.jsonl        one line per document: id, title, source, sha256, first reference, reference count
-    vectors.f32       the unit-normalised embedding of each reference, [count, embed_dim] float32
-    tokens.u32        each reference's token ids (<ref> first), n_tokens of them, one after the other: the
-                      lexical (BM25) index is built from them when a reader first searches by text
+    vectors.f32       the unit-normalised sentence embedding of each reference, [count, embed_dim] float32
+    tokens.u32        each reference's token ids (<ref> first), n_tokens of them, one after the other
+    terms.u64         each reference's word term ids (m3lite.lexical: its document's title, then its text)
     deleted.u32       tombstones: indices of removed documents (append-only, never rewritten)
     index.<gen>.hnsw  hnswlib index (cosine) of the first index.count vectors; name from the manifest
+    lexical.<gen>.bin the BM25 index over the first lexical.count references' terms (flat arrays, mmap)
     array.<name>.<sha>.npy  named numeric arrays stored with the bank (e.g. the embedder's IDF weights)
     lock              held (flock) by the one writer
 
-Every file but the manifest and the index is append-only. A writer appends, fsyncs, then replaces the
+Every file but the manifest and the indexes is append-only. What a reader serves is checked as it is read:
+checks.bin, refs.bin, docs.jsonl and deleted.u32 against their sha256 when the bank is opened; each memory,
+text, token list, term list and vector against its crc32 in checks.bin when it is read; the index files against
+their sha256 when they are loaded. Damage is a BankError naming the bank and the record, never used. A writer appends, fsyncs, then replaces the
 manifest; readers map only the lengths their manifest committed, so a writer killed at any moment leaves
 the previous commit intact and the next writer truncates the uncommitted tails. Removal appends tombstones
 instead of rewriting records, so readers of an older manifest keep a consistent view and checksums of the
@@ -44,23 +49,29 @@ import numpy as np
 
 from . import quant as Q
 from .errors import BadArgument, M3Error
+from .modelfile import json_checksum, signed_json
+from .lexical import TermIndex, array_file_bytes, read_array_file, term_ids, top
 from .sources import Document, chunk_document
 
 FORMAT = "m3lite-bank"
-VERSION = 2  # 2: tokens.u32 (lexical search); version 1 banks are refused with "rebuild"
+VERSION = 3  # 3: word index, per-record checks, sentence embeddings; older banks are refused with "rebuild"
 MANIFEST = "manifest.json"
 LOCK = "lock"
-MEM, CRC, REFS, TEXTS, DOCS, VECS, DELETED, TOKENS = (
-    "memories.bin", "crc.u32", "refs.bin", "texts.bin", "docs.jsonl", "vectors.f32", "deleted.u32", "tokens.u32")
-DATA_FILES = (MEM, CRC, REFS, TEXTS, DOCS, VECS, DELETED, TOKENS)
-HASHED = (CRC, REFS, TEXTS, DOCS, VECS, DELETED, TOKENS)  # memories.bin is covered record by record by crc.u32
-CHEAP = (CRC, DOCS, DELETED)  # checked on every open; the rest by verify()
+MEM, CHECKS, REFS, TEXTS, DOCS, VECS, DELETED, TOKENS, TERMS = (
+    "memories.bin", "checks.bin", "refs.bin", "texts.bin", "docs.jsonl", "vectors.f32", "deleted.u32", "tokens.u32",
+    "terms.u64")
+DATA_FILES = (MEM, CHECKS, REFS, TEXTS, DOCS, VECS, DELETED, TOKENS, TERMS)
+HASHED = (CHECKS, REFS, DOCS, DELETED)  # sha256, checked on every open; the others record by record (checks.bin)
 _INDEX_NAME = re.compile(r"index\.(\d{1,12})\.hnsw")
+_LEXICAL_NAME = re.compile(r"lexical\.(\d{1,12})\.bin")
 _ARRAY_NAME = re.compile(r"array\.([a-z0-9_]{1,32})\.([0-9a-f]{16})\.npy")
-_TMP_NAME = re.compile(r"(manifest\.json|index\.\d{1,12}\.hnsw|array\.[a-z0-9_.]+\.npy)\..*\.tmp")
+_TMP_NAME = re.compile(r"(manifest\.json|index\.\d{1,12}\.hnsw|lexical\.\d{1,12}\.bin|array\.[a-z0-9_.]+\.npy)"
+                       r"\..*\.tmp")
 
 REF_DTYPE = np.dtype([("doc", "<u4"), ("char_start", "<u4"), ("char_end", "<u4"), ("text_offset", "<u8"),
-                      ("text_length", "<u4"), ("n_tokens", "<u2"), ("flags", "<u2")])
+                      ("text_length", "<u4"), ("n_tokens", "<u2"), ("flags", "<u2"), ("terms_offset", "<u8"),
+                      ("n_terms", "<u2")])
+CHECK_DTYPE = np.dtype([("memory", "<u4"), ("text", "<u4"), ("tokens", "<u4"), ("terms", "<u4"), ("vector", "<u4")])
 FLAG_HARD_SPLIT = 1  # reserved: deletion is recorded in deleted.u32, not here
 
 EXACT_BELOW = 5000  # live references under which search is brute force
@@ -211,6 +222,10 @@ class _Lock:
 # ---------------------------------------------------------------------------------------------- manifest
 
 
+def _write_manifest(path: Path, m: dict) -> None:
+    _atomic_write(path / MANIFEST, signed_json(m, indent=1))
+
+
 def _corrupt(path: Path, why: str) -> BankError:
     return BankError(f"{path / MANIFEST} is corrupt ({why}); restore it or rebuild the bank")
 
@@ -239,6 +254,8 @@ def _read_manifest(path: Path) -> dict:
     if not isinstance(m.get("version"), int) or m["version"] != VERSION:
         raise BankError(f"bank {path} has format version {m.get('version')!r}; this m3lite reads version "
                         f"{VERSION}: {'upgrade m3lite' if isinstance(m.get('version'), int) and m['version'] > VERSION else 'rebuild the bank'}")
+    if m.get("checksum") != json_checksum(m):
+        raise _corrupt(path, "it does not match its checksum")
     if not isinstance(m.get("fingerprint"), str) or not m["fingerprint"]:
         raise _corrupt(path, "no model fingerprint")
     mem = m.get("memory")
@@ -261,7 +278,7 @@ def _read_manifest(path: Path) -> dict:
     files = m.get("files")
     if not isinstance(files, dict) or set(files) != set(DATA_FILES):
         raise _corrupt(path, "the files section does not list the bank files")
-    want = {MEM: count * rdt.itemsize, CRC: 4 * count, REFS: count * REF_DTYPE.itemsize,
+    want = {MEM: count * rdt.itemsize, CHECKS: count * CHECK_DTYPE.itemsize, REFS: count * REF_DTYPE.itemsize,
             VECS: 4 * dim * count, DELETED: 4 * ndel}
     for name in DATA_FILES:
         f = files[name]
@@ -270,6 +287,8 @@ def _read_manifest(path: Path) -> dict:
         n = _int(f, "length", path)
         if name in want and n != want[name]:
             raise _corrupt(path, f"{name} length {n} does not match {count} references")
+        if n % {TOKENS: 4, TERMS: 8}.get(name, 1):
+            raise _corrupt(path, f"{name} length {n} is not a whole number of records")
         if name in HASHED and not (isinstance(f.get("sha256"), str) and len(f["sha256"]) == 64):
             raise _corrupt(path, f"no sha256 for {name}")
     if ndel > ndocs:
@@ -285,6 +304,17 @@ def _read_manifest(path: Path) -> dict:
         _int(ix, "bytes", path, 1)
         if not (isinstance(ix.get("sha256"), str) and len(ix["sha256"]) == 64):
             raise _corrupt(path, "no sha256 for the index")
+    lx = m.get("lexical")
+    if lx is not None:
+        if not isinstance(lx, dict) or not isinstance(lx.get("file"), str) or not _LEXICAL_NAME.fullmatch(lx["file"]):
+            raise _corrupt(path, "bad lexical index entry")
+        if _int(lx, "count", path) > count:
+            raise _corrupt(path, "lexical index entry beyond the committed references")
+        _int(lx, "bytes", path, 1)
+        if not (isinstance(lx.get("sha256"), str) and len(lx["sha256"]) == 64):
+            raise _corrupt(path, "no sha256 for the lexical index")
+        if not isinstance(lx.get("sections"), dict):
+            raise _corrupt(path, "no sections for the lexical index")
     arrays = m.get("arrays", {})
     if not isinstance(arrays, dict):
         raise _corrupt(path, "arrays must be an object")
@@ -384,6 +414,35 @@ def _file_ok(path: Path, info: dict) -> bool:
         return False
 
 
+def _build_lexical(path: Path, n: int, dead: np.ndarray, docs: list[dict]) -> TermIndex:
+    """The BM25 index of the first `n` references from their stored terms, each live reference's checked against
+    its crc32 (removed references, `dead`, count as empty: damage there does not matter)."""
+    refs = _map(path / REFS, REF_DTYPE, n)
+    checks = _map(path / CHECKS, CHECK_DTYPE, n)
+    nt = refs["n_terms"].astype(np.int64) if n else np.zeros(0, np.int64)
+    off = refs["terms_offset"].astype(np.int64) if n else np.zeros(0, np.int64)
+    total = int(off[-1] + nt[-1]) if n else 0
+    if n and (off[0] != 0 or np.any(off[1:] != off[:-1] + nt[:-1])
+              or 8 * total > (path / TERMS).stat().st_size):
+        raise BankError(f"bank {path}: the references' terms do not tile {TERMS}; rebuild the bank")
+    terms = np.asarray(_map(path / TERMS, "<u8", total))
+    live = ~np.asarray(dead[:n], bool)
+    for i in np.flatnonzero(live).tolist():
+        if zlib.crc32(terms[off[i]:off[i] + nt[i]].tobytes()) != int(checks["terms"][i]):
+            d = int(refs["doc"][i])
+            doc = f" (document {docs[d]['id']!r})" if d < len(docs) else ""
+            raise BankError(f"bank {path}: the terms of reference {i}{doc} do not match their checksum; run "
+                            f"`m3lite bank verify {path}`")
+    return TermIndex.build(terms[np.repeat(live, nt)], np.where(live, nt, 0))
+
+
+def index_text(ref: Any) -> str:
+    """What a reference is found by, in both searches: its document's title, then its text (a later chunk of an
+    article rarely names its subject)."""
+    title = " ".join(str(ref.title).split())
+    return ref.text if not title or ref.text.lstrip().startswith(title) else f"{title}\n{ref.text}"
+
+
 def _normalize(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, np.float32)
     n = np.linalg.norm(v, axis=-1, keepdims=True)
@@ -463,9 +522,9 @@ class Bank:
                 "memory": dict(shape.as_dict(), quant=quant, record_bytes=rdt.itemsize, position_dtype="int16"),
                 "embed_dim": embed_dim, "count": 0, "documents": 0, "deleted_documents": 0, "generation": 0,
                 "files": {n: ({"length": 0, "sha256": empty} if n in HASHED else {"length": 0}) for n in DATA_FILES},
-                "index": None, "arrays": {}, "meta": meta, "stats": {}, "created": now, "updated": now,
+                "index": None, "lexical": None, "arrays": {}, "meta": meta, "stats": {}, "created": now, "updated": now,
             }
-            _atomic_write(p / MANIFEST, (json.dumps(m, indent=1) + "\n").encode())
+            _write_manifest(p, m)
         finally:
             lock.release()
         return cls(p, _read_manifest(p))
@@ -513,7 +572,7 @@ class Bank:
                 raise BankError(f"bank file {fp} is truncated ({size} bytes, {files[name]['length']} committed); "
                                 f"the bank is damaged: rebuild it")
         if state is None:
-            for name in CHEAP:
+            for name in HASHED:
                 if _hash_prefix(p / name, files[name]["length"]).hexdigest() != files[name]["sha256"]:
                     raise BankError(f"bank file {p / name} does not match the checksum in {MANIFEST}; the bank is "
                                     f"damaged: rebuild it")
@@ -529,7 +588,10 @@ class Bank:
         self._vecs = _map(p / VECS, "<f4", n, (self.embed_dim,))
         self._texts = _map(p / TEXTS, np.uint8, files[TEXTS]["length"])
         self._tokens = _map(p / TOKENS, "<u4", files[TOKENS]["length"] // 4)
-        self._lexical = None  # BM25 over the references' tokens, built on the first text search
+        self._terms = _map(p / TERMS, "<u8", files[TERMS]["length"] // 8)
+        self._checks = _map(p / CHECKS, CHECK_DTYPE, n)
+        self._lexical: TermIndex | None = None  # BM25 over the references' words, loaded on the first text search
+        self._vectors_checked = 0  # vectors [0, this) passed their crc32 (brute-force search reads them all)
         if len(deleted) and (int(deleted.max()) >= len(self.docs) or len(np.unique(deleted)) != len(deleted)):
             raise BankError(f"bank file {p / DELETED} names unknown documents; the bank is damaged: rebuild it")
         self._deleted_docs = deleted.astype(np.int64)
@@ -596,11 +658,25 @@ class Bank:
             raise BadArgument(f"reference ids must be in [0, {self.count}), got {a.min()}..{a.max()}")
         return a
 
+    def _damaged(self, i: int, what: str) -> BankError:
+        d = int(self._refs[i]["doc"])
+        doc = f" (document {self.docs[d]['id']!r})" if d < len(self.docs) else ""
+        return BankError(f"bank {self.path}: the {what} of reference {i}{doc} does not match its checksum; run "
+                         f"`m3lite bank verify {self.path}`")
+
+    def _check(self, i: int, what: str, data: Any) -> None:
+        """Raise BankError unless `data` (the bytes of reference i's `what`) matches its crc32 in checks.bin."""
+        if zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B")) != int(self._checks[what][i]):
+            raise self._damaged(i, what)
+
     def memories(self, ids: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Dequantized memories of references: keys and values [k, Lm, n_kv, T, hd] float32, positions
-        [k, Lm, n_kv, T] int32 and valid-token counts [k, Lm, n_kv] int32 (slots past the count are zero)."""
+        [k, Lm, n_kv, T] int32 and valid-token counts [k, Lm, n_kv] int32 (slots past the count are zero).
+        Each record is checked against its crc32 (BankError naming it if damaged)."""
         a = self._check_ids(ids)
         rec = self._mem[a] if a.size else np.zeros(0, self.rec_dtype)
+        for i in a.tolist():  # on the mapped bytes: a copy of a padded record need not copy its padding
+            self._check(i, "memory", self._mem[i:i + 1])
         if Q.has_scales(self.quant):
             k = Q.dequantize((rec["k"], rec["k_scale"]), self.quant)
             v = Q.dequantize((rec["v"], rec["v_scale"]), self.quant)
@@ -616,14 +692,38 @@ class Bank:
         r = self._refs[i]
         off, n = int(r["text_offset"]), int(r["text_length"])
         doc = self.docs[int(r["doc"])]
+        text = bytes(self._texts[off:off + n])
+        self._check(i, "text", text)
         return {"id": i, "doc_id": doc["id"], "title": doc["title"], "source": doc["source"],
-                "text": bytes(self._texts[off:off + n]).decode("utf-8", "replace"),
+                "text": text.decode("utf-8", "replace"),
                 "char_start": int(r["char_start"]), "char_end": int(r["char_end"]),
                 "n_tokens": int(r["n_tokens"]), "deleted": bool(self._dead[i])}
 
     def vectors(self, ids: Any) -> np.ndarray:
-        """Stored unit embedding vectors of references."""
-        return np.asarray(self._vecs[self._check_ids(ids)], np.float32)
+        """Stored unit embedding vectors of references (each checked against its crc32)."""
+        a = self._check_ids(ids)
+        v = np.asarray(self._vecs[a], np.float32)
+        for j, i in enumerate(a.tolist()):
+            self._check(i, "vector", v[j])
+        return v
+
+    def tokens(self, i: int) -> np.ndarray:
+        """A reference's token ids (<ref> first), checked against its crc32."""
+        i = int(self._check_ids([i])[0])
+        n = self._refs["n_tokens"].astype(np.int64)
+        start = int(n[:i].sum())
+        t = np.array(self._tokens[start:start + int(n[i])], np.uint32)
+        self._check(i, "tokens", t)
+        return t
+
+    def _checked_vectors(self, hi: int) -> None:
+        """Check the crc32 of the live vectors below `hi` not checked yet (brute-force search reads them)."""
+        for s in range(self._vectors_checked, hi, 1 << 14):
+            e = min(hi, s + (1 << 14))
+            rows = np.asarray(self._vecs[s:e])
+            for i in np.flatnonzero(~self._dead[s:e]).tolist():
+                self._check(s + i, "vector", rows[i])
+        self._vectors_checked = max(self._vectors_checked, hi)
 
     def array_names(self) -> list[str]:
         return sorted(self.manifest.get("arrays", {}))
@@ -663,6 +763,7 @@ class Bank:
             w.commit(final=True, stats={}, save_index=False)
 
     def _exact(self, v: np.ndarray, k: int, lo: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        self._checked_vectors(self.count)
         ids_all: list[np.ndarray] = []
         sc_all: list[np.ndarray] = []
         step = 1 << 16
@@ -689,18 +790,18 @@ class Bank:
             # a writer replaced it after we read our manifest: move to the newest state
             if self.refresh():
                 return self._reader_index()
-            raise BankError(f"index file {fp} is missing; rebuild the index with Bank.rebuild_index()")
+            raise BankError(f"index file {fp} is missing; repair it with `m3lite bank verify BANK --repair`")
         if not _file_ok(fp, info):
-            raise BankError(f"index file {fp} does not match its checksum; rebuild the index with "
-                            f"Bank.rebuild_index()")
+            raise BankError(f"index file {fp} does not match its checksum; repair it with "
+                            f"`m3lite bank verify BANK --repair`")
         try:
             ix = HnswIndex.load(fp, self.embed_dim, 0, info["M"], info["ef_construction"])
         except (RuntimeError, MemoryError, ValueError) as e:
             raise BankError(f"index file {fp} is unreadable ({str(e).splitlines()[0] if str(e) else e!r}); "
-                            f"rebuild the index with Bank.rebuild_index()") from None
+                            f"repair it with `m3lite bank verify BANK --repair`") from None
         if ix.count != info["count"]:
             raise BankError(f"index file {fp} holds {ix.count} vectors, the manifest says {info['count']}; "
-                            f"rebuild the index with Bank.rebuild_index()")
+                            f"repair it with `m3lite bank verify BANK --repair`")
         ix.mark_deleted(self._labels_of_docs(self._deleted_docs[info["deleted"]:], below=info["count"]))
         self._index = ix
         return ix
@@ -738,24 +839,43 @@ class Bank:
         tid, tsc = self._exact(v, int(k), lo=n_ix)
         return _top_k(np.concatenate([ids, tid]), np.concatenate([sc, tsc]), int(k))
 
-    def lexical_search(self, token_ids: Sequence[int], k: int = 5,
-                       skip: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """The k live references with the best BM25 score for the text of `token_ids` (exact, over every
-        committed reference's tokens; specials and tokens no reference holds weigh nothing), leaving out the
-        reference ids in `skip`: ids int64 and scores float32, best first; references scoring 0 are not
-        returned. The index is built on the first call (about 0.1 s per 10,000 references)."""
+    def lexical_search(self, text: str, k: int = 5, skip: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """The k live references with the best BM25 score for the words of `text` (exact, over every committed
+        reference; see m3lite.lexical), leaving out the reference ids in `skip`: ids int64 and scores float32,
+        best first; references scoring 0 are not returned."""
         if not isinstance(k, (int, np.integer)) or k <= 0:
             raise BadArgument(f"k must be a positive integer, got {k!r}")
-        if self._lexical is None:
-            from .retrieval import BM25
+        ix = self._lexical_index()
+        sc = ix.scores(term_ids(text)) if self.count else np.zeros(0)
+        out = self._dead.copy()
+        out[[int(i) for i in skip if 0 <= int(i) < self.count]] = True
+        return top(sc, int(k), out)
 
-            self._lexical = BM25.from_references(self._tokens, self._refs["n_tokens"])
-        sc = self._lexical.scores(token_ids)
-        sc[self._dead] = 0.0
-        sc[[int(i) for i in skip if 0 <= int(i) < self.count]] = 0.0
-        cand = np.flatnonzero(sc > 0)
-        ids, top = _top_k(cand, sc[cand].astype(np.float32), int(k))
-        return ids.astype(np.int64), top
+    def _lexical_index(self) -> TermIndex:
+        """The stored BM25 index (checked against its sha256), or, when the bank has references it does not
+        cover (an add was interrupted), one built now from the references' terms."""
+        if self._lexical is not None:
+            return self._lexical
+        info = self.manifest.get("lexical")
+        if info and info["count"] == self.count:
+            fp = self.path / info["file"]
+            if not fp.is_file() and self.refresh():
+                return self._lexical_index()
+            if not _file_ok(fp, info):
+                raise BankError(f"lexical index {fp} is missing or does not match its checksum; repair it with "
+                                f"`m3lite bank verify {self.path} --repair`")
+            try:
+                ix = TermIndex(**read_array_file(fp, info["sections"], info["bytes"]))
+                ix.check()
+                if ix.n != self.count:
+                    raise ValueError(f"it covers {ix.n} references, the manifest says {self.count}")
+            except ValueError as e:
+                raise BankError(f"lexical index {fp} is unusable ({e}); repair it with "
+                                f"`m3lite bank verify {self.path} --repair`") from None
+        else:
+            ix = _build_lexical(self.path, self.count, self._dead, self.docs)
+        self._lexical = ix
+        return ix
 
     # -------------------------------------------------------------------------------------- reporting
 
@@ -797,71 +917,81 @@ class Bank:
             out["compression_vs_fp32_kv_all_layers"] = (tokens * n_layers * kv_tok) / (n * rec) if n else 0.0
         return out
 
-    def verify(self) -> dict[str, Any]:
-        """Check every committed byte: file checksums, each memory record's crc32, reference and document
-        tables, texts, and the index. Raises BankError naming the first problem; returns a summary."""
-        p, m, files = self.path, self.manifest, self.manifest["files"]
+    def verify(self, strict: bool = True) -> dict[str, Any]:
+        """Check every committed byte: the manifest and file checksums, each live reference's memory, text,
+        tokens, terms and vector against its crc32, the reference and document tables, and both indexes.
 
-        def fail(why: str) -> BankError:
-            return BankError(f"bank {p} failed verification: {why}; rebuild it")
-
-        for name in HASHED:
-            if _hash_prefix(p / name, files[name]["length"]).hexdigest() != files[name]["sha256"]:
-                raise fail(f"{name} does not match its checksum")
-        n, rs = self.count, self.rec_dtype.itemsize
-        crcs = np.fromfile(p / CRC, dtype="<u4", count=n) if n else np.zeros(0, "<u4")
-        step = max(1, (1 << 22) // rs)
-        with open(p / MEM, "rb") as f:
-            for s in range(0, n, step):
-                e = min(n, s + step)
-                buf = memoryview(f.read((e - s) * rs))
-                if len(buf) != (e - s) * rs:
-                    raise fail("memories.bin is truncated")
-                for i in range(e - s):
-                    if zlib.crc32(buf[i * rs:(i + 1) * rs]) != int(crcs[s + i]):
-                        raise fail(f"memory record {s + i} does not match its crc32")
-        T = self.shape.tokens_per_head
-        for s in range(0, n, step):
-            rec = self._mem[s:s + step]
-            c = rec["count"]
-            if c.size and (c.min() < 0 or c.max() > T):
-                raise fail("a memory record has a token count out of range")
-            pos = rec["pos"]
-            if pos.size and pos.min() < 0:
-                raise fail("a memory record has a negative position")
+        Returns a report {"ok", "references", "documents", "damaged": [{"reference", "document", "what"}],
+        "damaged_documents": [ids to remove and add again], "problems": [lines]}; with `strict`, raises a
+        one-line BankError naming the first problem (and the documents to re-add) instead of returning a
+        failed report."""
+        p, files = self.path, self.manifest["files"]
+        problems: list[str] = []
+        damaged: list[dict] = []
+        n = self.count
         refs = np.asarray(self._refs)
-        if n:
-            docs_of = refs["doc"].astype(np.int64)
-            if docs_of.max() >= len(self.docs):
-                raise fail("a reference names an unknown document")
-            first = np.array([d["first"] for d in self.docs], np.int64)
-            end = first + np.array([d["count"] for d in self.docs], np.int64)
-            at = np.arange(n)
-            if np.any(first[docs_of] > at) or np.any(end[docs_of] <= at):
-                raise fail("references are not grouped by document")
-            off = refs["text_offset"].astype(np.int64)
-            ln = refs["text_length"].astype(np.int64)
-            if off[0] != 0 or np.any(off[1:] != off[:-1] + ln[:-1]) or off[-1] + ln[-1] != files[TEXTS]["length"]:
-                raise fail("reference texts do not tile texts.bin")
-            if np.any(refs["char_end"] < refs["char_start"]):
-                raise fail("a reference has inverted character offsets")
-        elif files[TEXTS]["length"]:
-            raise fail("texts.bin has text but there are no references")
-        if files[TOKENS]["length"] != 4 * (int(refs["n_tokens"].astype(np.int64).sum()) if n else 0):
-            raise fail("tokens.u32 does not hold the references' tokens")
-        try:
-            bytes(self._texts).decode("utf-8")
-        except UnicodeDecodeError:
-            raise fail("texts.bin is not UTF-8") from None
+        docs_of = refs["doc"].astype(np.int64) if n else np.zeros(0, np.int64)
+        if n and docs_of.max() >= len(self.docs):
+            problems.append("a reference names an unknown document")
+        else:
+            live = np.flatnonzero(~self._dead).tolist()
+            ntok = refs["n_tokens"].astype(np.int64)
+            tok_off = np.concatenate([[0], np.cumsum(ntok)[:-1]]) if n else ntok
+            off, ln = refs["text_offset"].astype(np.int64), refs["text_length"].astype(np.int64)
+            toff, tn = refs["terms_offset"].astype(np.int64), refs["n_terms"].astype(np.int64)
+            if n and (off[0] != 0 or np.any(off[1:] != off[:-1] + ln[:-1]) or off[-1] + ln[-1] != files[TEXTS]["length"]):
+                problems.append("reference texts do not tile texts.bin")
+            elif n and (toff[0] != 0 or np.any(toff[1:] != toff[:-1] + tn[:-1]) or 8 * (toff[-1] + tn[-1]) != files[TERMS]["length"]):
+                problems.append("reference terms do not tile terms.u64")
+            elif 4 * int(ntok.sum()) != files[TOKENS]["length"]:
+                problems.append("tokens.u32 does not hold the references' tokens")
+            else:
+                T = self.shape.tokens_per_head
+                for i in live:
+                    parts = (("memory", self._mem[i:i + 1]), ("text", self._texts[off[i]:off[i] + ln[i]]),
+                             ("tokens", self._tokens[tok_off[i]:tok_off[i] + ntok[i]]),
+                             ("terms", self._terms[toff[i]:toff[i] + tn[i]]), ("vector", self._vecs[i]))
+                    for what, data in parts:
+                        if zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B")) != int(self._checks[what][i]):
+                            damaged.append({"reference": i, "document": self.docs[int(docs_of[i])]["id"],
+                                            "what": what})
+                            break
+                    else:
+                        c = self._mem[i]["count"]
+                        if c.size and (c.min() < 0 or c.max() > T):
+                            damaged.append({"reference": i, "document": self.docs[int(docs_of[i])]["id"],
+                                            "what": "memory token count"})
+                first = np.array([d["first"] for d in self.docs], np.int64)
+                end = first + np.array([d["count"] for d in self.docs], np.int64)
+                at = np.arange(n)
+                if n and (np.any(first[docs_of] > at) or np.any(end[docs_of] <= at)):
+                    problems.append("references are not grouped by document")
         for name in self.array_names():
-            self.get_array(name)
-        ix_ok = None
-        if self._index_info:
-            self._index = None
-            ix = self._reader_index()
-            ix_ok = ix.count if ix is not None else 0
-        return {"ok": True, "references": n, "documents": len(self.docs), "indexed": ix_ok,
-                "bytes_checked": sum(files[x]["length"] for x in DATA_FILES)}
+            try:
+                self.get_array(name)
+            except BankError as e:
+                problems.append(str(e))
+        for what, load in (("index", self._reader_index), ("lexical index", self._lexical_index)):
+            try:
+                if what == "index":
+                    self._index = None
+                else:
+                    self._lexical = None
+                load()
+            except BankError as e:
+                problems.append(str(e))
+        bad_docs = sorted({d["document"] for d in damaged})
+        if damaged:
+            problems.insert(0, f"{len(damaged)} damaged reference(s) in {len(bad_docs)} document(s) "
+                               f"({', '.join(repr(d) for d in bad_docs[:5])}{', ...' if len(bad_docs) > 5 else ''}): "
+                               f"remove them with `m3lite bank remove {p} --source ID` and add them again")
+        report = {"ok": not problems, "references": n, "documents": len(self.docs), "damaged": damaged,
+                  "damaged_documents": bad_docs, "problems": problems,
+                  "indexed": (self._index_info or {}).get("count", 0),
+                  "bytes_checked": sum(files[x]["length"] for x in DATA_FILES)}
+        if strict and problems:
+            raise BankError(f"bank {p} failed verification: {problems[0]}")
+        return report
 
     # -------------------------------------------------------------------------------------- writing
 
@@ -957,10 +1087,11 @@ class Bank:
         return {"documents": len(hits), "references": n_refs}
 
     def rebuild_index(self) -> int:
-        """Rebuild the HNSW index from the stored vectors (after damage or loss of the index file)."""
+        """Build both indexes again, HNSW from the stored vectors and BM25 from the stored terms (after damage
+        to or loss of an index file); returns the references indexed."""
         with self._writer() as w:
             w.build_index(fresh=True)  # from the vectors alone: the old file may be what is damaged
-            w.commit(final=True, stats={}, save_index=True)
+            w.commit(final=True, stats={}, save_index=True, force_lexical=True)
         return self.count
 
 
@@ -971,10 +1102,11 @@ class _Writer:
         self.b = bank
         p, m = bank.path, bank.manifest
         files = m["files"]
-        current = {(m.get("index") or {}).get("file")} | {a["file"] for a in m.get("arrays", {}).values()}
+        current = ({(m.get("index") or {}).get("file"), (m.get("lexical") or {}).get("file")}
+                   | {a["file"] for a in m.get("arrays", {}).values()})
         for x in p.iterdir():  # leftovers of killed writers
-            if _TMP_NAME.fullmatch(x.name) or ((_INDEX_NAME.fullmatch(x.name) or _ARRAY_NAME.fullmatch(x.name))
-                                               and x.name not in current):
+            if _TMP_NAME.fullmatch(x.name) or ((_INDEX_NAME.fullmatch(x.name) or _ARRAY_NAME.fullmatch(x.name)
+                                                or _LEXICAL_NAME.fullmatch(x.name)) and x.name not in current):
                 try:
                     x.unlink()
                 except OSError:
@@ -998,6 +1130,7 @@ class _Writer:
         self.index: HnswIndex | None = None  # loaded when a commit saves it
         self.idx_covered = self.idx_applied = 0
         self.index_info = m.get("index")
+        self.lexical_info = m.get("lexical")
         self._reported: dict[str, int] = {}
         self.dirty = False  # written since the last commit
         self.arrays: dict[str, dict] = {k: dict(v) for k, v in m.get("arrays", {}).items()}
@@ -1046,14 +1179,27 @@ class _Writer:
         ix = self.index
         if self.idx_covered < self.count:
             vec = _map(b.path / VECS, "<f4", self.count, (b.embed_dim,))
+            checks = _map(b.path / CHECKS, CHECK_DTYPE, self.count)
+            dead = self._dead()
             for s in range(self.idx_covered, self.count, 1 << 14):
                 e = min(self.count, s + (1 << 14))
-                ix.add(np.asarray(vec[s:e]), np.arange(s, e))
+                rows = np.asarray(vec[s:e])
+                for i in np.flatnonzero(~dead[s:e]).tolist():
+                    if zlib.crc32(rows[i].tobytes()) != int(checks["vector"][s + i]):
+                        raise BankError(f"bank {b.path}: the vector of reference {s + i} does not match its "
+                                        f"checksum; run `m3lite bank verify {b.path}`")
+                ix.add(rows, np.arange(s, e))
             del vec
             self.idx_covered = self.count
         ix.mark_deleted(self._labels(self.deleted[self.idx_applied:]))
         self.idx_applied = len(self.deleted)
         return ix
+
+    def _dead(self) -> np.ndarray:
+        dead = np.zeros(self.count, bool)
+        for r in self._labels(self.deleted):
+            dead[r] = True
+        return dead
 
     def _labels(self, docs: Iterable[int]) -> list[int]:
         out: list[int] = []
@@ -1096,7 +1242,7 @@ class _Writer:
             valid = np.arange(T) < cnt[..., None]
             if pos.size and (np.where(valid, pos, 0).min() < 0 or np.where(valid, pos, 0).max() > 32767):
                 raise BankError("encode_fn returned positions outside [0, 32767]")
-            vecs = np.asarray(embed_fn([r.ids[1:] for _, r in sub]), np.float32)
+            vecs = np.asarray(embed_fn([index_text(r) for di, r in sub]), np.float32)
             if vecs.shape != (B, b.embed_dim):
                 raise BankError(f"embed_fn returned shape {vecs.shape}, this bank stores ({B}, {b.embed_dim}) "
                                 f"vectors: the bank was made with another embedder")
@@ -1113,23 +1259,36 @@ class _Writer:
             rec["count"] = cnt.astype("<i2")
             raw = rec.tobytes()
             rs = rdt.itemsize
-            crc = np.array([zlib.crc32(raw[i * rs:(i + 1) * rs]) for i in range(B)], "<u4")
             rr = np.zeros(B, REF_DTYPE)
             texts = [r.text.encode("utf-8", "replace") for _, r in sub]  # a lone surrogate becomes "?"
             lens = np.array([len(t) for t in texts], np.int64)
+            terms = [term_ids(index_text(r))[:65535] for di, r in sub]
+            toks = [np.asarray(r.ids, "<u4") for _, r in sub]
+            vbytes = vecs.astype("<f4").tobytes()
+            ck = np.zeros(B, CHECK_DTYPE)
+            ck["memory"] = [zlib.crc32(raw[i * rs:(i + 1) * rs]) for i in range(B)]
+            ck["text"] = [zlib.crc32(t) for t in texts]
+            ck["tokens"] = [zlib.crc32(t.tobytes()) for t in toks]
+            ck["terms"] = [zlib.crc32(t.tobytes()) for t in terms]
+            vs_ = 4 * b.embed_dim
+            ck["vector"] = [zlib.crc32(vbytes[i * vs_:(i + 1) * vs_]) for i in range(B)]
+            n_terms = np.array([len(t) for t in terms], np.int64)
             rr["doc"] = [first_doc + di for di, _ in sub]
             rr["char_start"] = [r.char_start for _, r in sub]
             rr["char_end"] = [r.char_end for _, r in sub]
             rr["text_offset"] = text_off + np.concatenate([[0], np.cumsum(lens)[:-1]])
             rr["text_length"] = lens
             rr["n_tokens"] = [len(r.ids) for _, r in sub]
+            rr["terms_offset"] = self.len[TERMS] // 8 + np.concatenate([[0], np.cumsum(n_terms)[:-1]])
+            rr["n_terms"] = n_terms
             text_off += int(lens.sum())
             self._write(MEM, raw)
-            self._write(CRC, crc.tobytes())
+            self._write(CHECKS, ck.tobytes())
             self._write(REFS, rr.tobytes())
             self._write(TEXTS, b"".join(texts))
-            self._write(VECS, vecs.astype("<f4").tobytes())
-            self._write(TOKENS, np.concatenate([np.asarray(r.ids, "<u4") for _, r in sub]).tobytes())
+            self._write(VECS, vbytes)
+            self._write(TOKENS, np.concatenate(toks).tobytes())
+            self._write(TERMS, np.concatenate(terms).astype("<u8").tobytes())
             self.count += B  # the index catches up at the commits that save it
         # documents after their references: a commit always lands at a document boundary
         first = self.count - len(refs)
@@ -1151,7 +1310,7 @@ class _Writer:
             self.live_ids[doc.id] = idx
             first += len(rs)
 
-    def commit(self, final: bool, stats: dict, save_index: bool | None = None) -> None:
+    def commit(self, final: bool, stats: dict, save_index: bool | None = None, force_lexical: bool = False) -> None:
         b = self.b
         p = b.path
         for f in self.f.values():
@@ -1187,7 +1346,23 @@ class _Writer:
             saved_as = self.build_index().save(p / new_file)
             m["index"] = {"file": new_file, "count": self.count, "deleted": len(self.deleted),
                           "M": self.index.M, "ef_construction": self.index.ef_construction, **saved_as}
-        _atomic_write(p / MANIFEST, (json.dumps(m, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+        lx = self.lexical_info or {"count": 0}
+        if force_lexical or save_index is not False and self.count != lx["count"] and (
+                final or self.count - lx["count"] >= max(INDEX_SAVE_MIN_TAIL, lx["count"] // 8)):
+            data, sections = array_file_bytes(_build_lexical(p, self.count, self._dead(), self.docs).arrays())
+            name = f"lexical.{m['generation']}.bin"
+            _atomic_write(p / name, data)
+            m["lexical"] = {"file": name, "count": self.count, "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest(), "sections": sections}
+        _write_manifest(p, m)
+        if m.get("lexical") != self.lexical_info:
+            prev = (self.lexical_info or {}).get("file")
+            self.lexical_info = m.get("lexical")
+            if prev and prev != self.lexical_info["file"]:
+                try:
+                    os.unlink(p / prev)
+                except OSError:
+                    pass
         if new_file is not None:
             prev = (self.index_info or {}).get("file")
             self.index_info = m["index"]

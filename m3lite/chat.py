@@ -111,14 +111,17 @@ class Chat:
 
     def __init__(self, model, bank=None, mode: str | None = None, *, system: str = "", max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.1,
-                 seed: int | None = None):
+                 seed: int | None = None, retriever: str = "hybrid"):
+        from .retrieval import check_retriever
+
         self.model = model
+        self.retriever = check_retriever(retriever)
         self.system = system
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.top_p, self.repetition_penalty, self.seed = top_p, repetition_penalty, seed
         self._sampling()  # refuse bad settings now
         self.bank = None
-        self._cache = None
+        self._cache = self._search = None
         self.mode = "none"
         if bank is not None:
             self.set_bank(bank)
@@ -138,11 +141,11 @@ class Chat:
     def set_bank(self, bank) -> None:
         """Use `bank` (a Bank or a path; refused if built by another model); None: no bank, mode "none"."""
         if bank is None:
-            self.bank, self._cache = None, None
+            self.bank, self._cache, self._search = None, None, None
             self.mode = "none"
             return
-        s = self.model.memory_session(bank, "rag")  # opens it and checks its fingerprint
-        self.bank, self._cache = s.bank, s.cache
+        s = self.model.memory_session(bank, "rag", retriever=self.retriever)  # opens it, checks its fingerprint
+        self.bank, self._cache, self._search = s.bank, s.cache, s.search
 
     def set_mode(self, mode: str) -> None:
         check_mode(mode)
@@ -202,8 +205,8 @@ class Chat:
         if reserve is None:
             reserve = min(params.max_new_tokens, self.max_context // 4)
         result = GenerationResult(mode=self.mode)
-        session = MemorySession(self.model, self.bank, mode=self.mode, cache=self._cache) if self.mode != "none" \
-            else None
+        session = None if self.mode == "none" else \
+            MemorySession(self.model, self.bank, mode=self.mode, cache=self._cache, retriever=self._search)
         if session is not None:  # retrieval searches with the question alone (and the previous one)
             session.query = self._query(question)
         found = session.retrieve(session.query) if self.mode == "rag" else []
@@ -216,11 +219,11 @@ class Chat:
             pass
         return result.text.strip()
 
-    def _query(self, question: str) -> list[int]:
+    def _query(self, question: str) -> str:
         """What a turn retrieves with: its question, and the previous turn's question before it, so that a
         follow-up ("Where was he born?") still finds the conversation's subject."""
         prev = self.turns[-1].question + "\n" if self.turns else ""
-        return self.model.tokenizer.encode(prev + question)
+        return prev + question
 
     def _messages(self, turns: Sequence[Turn], question: str) -> list[dict]:
         """The conversation as messages: earlier turns as the model read them (their references included),

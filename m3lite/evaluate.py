@@ -7,10 +7,11 @@ bank holds (documents "wiki:LANG/<title>", as `m3lite bank build wiki:en:heldout
 - QA: each mode (none, memory, rag; the same retrieval, `MemorySession`) answers the question with `Model.ask`
   (the model's chat template, or the Question:/Answer: format; greedy, no repetition penalty), stopping at
   "\\n"; exact match and token F1 after SQuAD's normalisation.
+  With `--qa FILE`, the questions of a QA file instead ({"question", "answer", optional "document"} per line),
+  and "contains" (the normalised gold answer appears in the answer) beside EM and F1.
 - Retrieval: recall@5, the share of questions whose article's own references are among the 5 found for the
-  question (the question alone is the query, as in the modes), for the bank's
-  lexical search (BM25 over the references' stored tokens, what the modes use), for the model's own dense
-  embedder (HNSW) and for an exact BM25 over the bank's reference texts re-tokenized (the baseline).
+  question (the question alone is the query, as in the modes), and the median query time, for each retriever
+  (hybrid, lexical, dense: `m3lite.retrieval`).
 - Speed: medians over the questions of time to first token and decode tokens/s, per mode.
 - Perplexity of the held-out summaries (the extract, cut to the model's context) without memory (a plain
   forward) and with memory (the memory-mode prefill: 64-token chunks, each attending to its own top-k) where the
@@ -33,7 +34,7 @@ import numpy as np
 
 from .errors import BadArgument, M3Error
 from .heldout import QASample, article_questions, is_held_out
-from .retrieval import BM25
+from .retrieval import BM25  # noqa: F401  (the token-level BM25, re-exported for tests)
 
 MODES = ("none", "memory", "rag")
 RECALL_K = 5
@@ -60,6 +61,12 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, truth: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(truth))
+
+
+def contains(prediction: str, truth: str) -> float:
+    """1.0 when the normalised gold answer appears in the normalised prediction (on word boundaries)."""
+    t = normalize_answer(truth)
+    return float(bool(t) and f" {t} " in f" {normalize_answer(prediction)} ")
 
 
 def token_f1(prediction: str, truth: str) -> float:
@@ -181,14 +188,58 @@ def _forward(model, ids: Sequence[int], session=None, exclude=None) -> np.ndarra
         return np.concatenate(parts)
 
 
+@dataclass(frozen=True)
+class EvalItem:
+    question: str
+    answer: str
+    references: frozenset[int] | None  # the bank's live references of the gold document (None: not given)
+
+
+def read_qa(path: str | Path, bank) -> list[EvalItem]:
+    """A QA file: one JSON object per line, {"question", "answer"} and optionally "document" (a bank document
+    id, for recall). A bad line is a one-line M3Error naming it."""
+    import json
+
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise M3Error(f"cannot read the QA file {p}: {e}") from None
+    docs = bank_documents(bank)
+    out: list[EvalItem] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise M3Error(f"{p} line {n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) and obj[k].strip()
+                                                for k in ("question", "answer")):
+            raise M3Error(f"{p} line {n}: needs \"question\" and \"answer\" strings")
+        doc = obj.get("document")
+        if doc is not None and not isinstance(doc, str):
+            raise M3Error(f"{p} line {n}: \"document\" must be a document id string")
+        out.append(EvalItem(obj["question"].strip(), obj["answer"].strip(),
+                            frozenset(docs.get(doc, ())) if doc is not None else None))
+    if not out:
+        raise M3Error(f"{p} holds no questions")
+    return out
+
+
 def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, lang: str = "en",
              progress: Callable[[int, int, str], None] | None = None,
-             warn: Callable[[str], None] | None = None) -> dict:
+             warn: Callable[[str], None] | None = None, qa: str | Path | None = None,
+             retriever: str = "hybrid", recall_only: bool = False) -> dict:
     """Run the evaluation (see the module's docstring) of `model` with `bank` (an open Bank built by this
-    model); `progress(done, total, what)` is called after each question and each summary. Returns the results
-    as a JSON-ready dict (fractions in [0, 1], times in ms; None where there is nothing to measure)."""
+    model): on the held-out articles, or on the questions of the QA file `qa`; the modes retrieve with
+    `retriever`; `recall_only` measures retrieval alone. `progress(done, total, what)` is called after each
+    question and each summary. Returns the results as a JSON-ready dict (fractions in [0, 1], times in ms; None
+    where there is nothing to measure)."""
     from .memory import MemorySession
+    from .retrieval import RETRIEVERS, check_retriever
 
+    check_retriever(retriever)
     if bank.fingerprint != model.fingerprint:
         from .bank import FingerprintError
 
@@ -197,75 +248,92 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
     if max_tokens < 1:
         raise BadArgument(f"--max-tokens must be at least 1, got {max_tokens}")
     t_start = time.perf_counter()
-    articles = heldout_articles(bank, lang, limit, warn)
+    if qa is not None:
+        articles: list[EvalArticle] = []
+        items = read_qa(qa, bank)[:limit] if limit is None or limit >= 1 else None
+        if items is None:
+            raise BadArgument(f"--limit must be at least 1, got {limit}")
+    else:
+        articles = heldout_articles(bank, lang, limit, warn)
+        items = [EvalItem(q.question, q.answer, a.references) for a in articles for q in a.questions]
     cfg, tok = model.config, model.tokenizer
-    n_questions = sum(len(a.questions) for a in articles)
-    total, done = n_questions + len(articles), 0
+    n_questions = len(items)
+    total = n_questions + (0 if recall_only else len(articles))
+    done = 0
     say = progress or (lambda d, t, what: None)
     say(0, total, "preparing retrieval")
 
-    search = {r: MemorySession(model, bank, mode="rag", top_k=RECALL_K, retriever=r)  # the bank's searches
-              for r in ("lexical", "dense")}
-    live = np.flatnonzero([not bank.is_deleted(i) for i in range(bank.count)])
-    texts = [bank.reference(int(i))["text"] for i in live]
-    bm25 = BM25([tok.encode(t) for t in texts], cfg.vocab_size)
+    search = {r: MemorySession(model, bank, mode="rag", top_k=RECALL_K, retriever=r) for r in RETRIEVERS}
+    with_gold = [it for it in items if it.references is not None]
+    recall = {r: 0 for r in RETRIEVERS}
+    latency: dict[str, list[float]] = {r: [] for r in RETRIEVERS}
 
     def answer(question: str, mode: str, n: int) -> str:  # greedy, in the model's chat format, first line
-        return model.ask(question, max_new_tokens=n, bank=bank, mode=mode, stop=[STOP])
+        return model.ask(question, max_new_tokens=n, bank=bank, mode=mode, stop=[STOP],
+                         retriever=search[retriever].search)
 
-    for mode in MODES:  # untimed: the first call of a mode pays one-time costs (compiled code, page faults)
-        answer(articles[0].questions[0].question, mode, 2)
-    per_mode = {m: {"em": [], "f1": [], "ttft": [], "tps": []} for m in MODES}
-    recall = {"lexical": 0, "dense": 0, "bm25": 0}
+    if not recall_only:
+        for mode in MODES:  # untimed: the first call of a mode pays one-time costs (compiled code, page faults)
+            answer(items[0].question, mode, 2)
+    per_mode = {m: {"em": [], "f1": [], "contains": [], "ttft": [], "tps": []} for m in MODES}
     examples: list[dict] = []
-    for art in articles:
-        for q in art.questions:
-            query = tok.encode(q.question)  # retrieval sees the question alone
-            for r, s in search.items():
-                recall[r] += hit((i for i, _ in s.retrieve(query)), art.references)
-            recall["bm25"] += hit(live[bm25.ranked(query, RECALL_K)], art.references)
+    for it in items:
+        if it.references is not None:
+            for r, s in search.items():  # retrieval sees the question alone
+                t0 = time.perf_counter()
+                found = s.retrieve(it.question)
+                latency[r].append((time.perf_counter() - t0) * 1000)
+                recall[r] += hit((i for i, _ in found), it.references)
+        if not recall_only:
             answers = {}
             for mode in MODES:
-                text = answer(q.question, mode, max_tokens)
+                text = answer(it.question, mode, max_tokens)
                 r = model.last_result
                 answers[mode] = text.strip()
                 acc = per_mode[mode]
-                acc["em"].append(exact_match(text, q.answer))
-                acc["f1"].append(token_f1(text, q.answer))
+                acc["em"].append(exact_match(text, it.answer))
+                acc["f1"].append(token_f1(text, it.answer))
+                acc["contains"].append(contains(text, it.answer))
                 acc["ttft"].append(r.ttft_s * 1000)  # the first token is always sampled (max_tokens >= 1)
                 if len(r.tokens) > 1:
                     acc["tps"].append(r.decode_tokens_per_s)
             if len(examples) < N_EXAMPLES:
-                examples.append({"question": q.question, "answer": q.answer, "predictions": answers})
-            done += 1
-            say(done, total, "answering")
+                examples.append({"question": it.question, "answer": it.answer, "predictions": answers})
+        done += 1
+        say(done, total, "retrieving" if recall_only else "answering")
 
-    memory = MemorySession(model, bank, mode="memory")
     nll = {"none": 0.0, "memory": 0.0}
     n_tokens = n_summaries = 0
-    for art in articles:
-        ids = tok.encode(art.extract, bos=True)[:cfg.max_seq_len]
-        if len(ids) >= 2:
-            nll["none"] += float(next_token_nll(_forward(model, ids), ids).sum())
-            nll["memory"] += float(next_token_nll(_forward(model, ids, memory, exclude={art.doc_id}), ids).sum())
-            n_tokens += len(ids) - 1
-            n_summaries += 1
-        done += 1
-        say(done, total, "perplexity")
+    if not recall_only and articles:
+        memory = MemorySession(model, bank, mode="memory", retriever=search[retriever].search)
+        for art in articles:
+            ids = tok.encode(art.extract, bos=True)[:cfg.max_seq_len]
+            if len(ids) >= 2:
+                nll["none"] += float(next_token_nll(_forward(model, ids), ids).sum())
+                nll["memory"] += float(next_token_nll(_forward(model, ids, memory, exclude={art.doc_id}), ids).sum())
+                n_tokens += len(ids) - 1
+                n_summaries += 1
+            done += 1
+            say(done, total, "perplexity")
 
     def rnd(x, nd=4):
         return None if x is None else round(x, nd)
 
     modes = {}
-    for mode in MODES:
-        acc = per_mode[mode]
-        modes[mode] = {"exact_match": rnd(float(np.mean(acc["em"]))), "f1": rnd(float(np.mean(acc["f1"]))),
-                       "ttft_ms": rnd(_median(acc["ttft"]), 3), "decode_tokens_per_s": rnd(_median(acc["tps"]), 2)}
+    if not recall_only:
+        for mode in MODES:
+            acc = per_mode[mode]
+            modes[mode] = {"exact_match": rnd(float(np.mean(acc["em"]))), "f1": rnd(float(np.mean(acc["f1"]))),
+                           "contains": rnd(float(np.mean(acc["contains"]))),
+                           "ttft_ms": rnd(_median(acc["ttft"]), 3), "decode_tokens_per_s": rnd(_median(acc["tps"]), 2)}
     return {
-        "model": cfg.name, "fingerprint": model.fingerprint, "bank": str(bank.path), "lang": lang,
-        "articles": len(articles), "questions": n_questions, "max_tokens": max_tokens,
+        "model": cfg.name, "fingerprint": model.fingerprint, "bank": str(bank.path),
+        "questions_from": str(qa) if qa is not None else f"wiki:{lang}:heldout", "lang": lang,
+        "articles": len(articles), "questions": n_questions, "max_tokens": max_tokens, "retriever": retriever,
+        "bank_references": bank.live_count,
         "modes": modes,
-        "recall_at_5": {r: rnd(n / n_questions) for r, n in recall.items()},
+        "recall_at_5": {r: rnd(n / len(with_gold)) if with_gold else None for r, n in recall.items()},
+        "retrieval_ms_p50": {r: rnd(_median(v), 3) for r, v in latency.items()},
         "perplexity": {"none": rnd(perplexity(nll["none"], n_tokens)),
                        "memory": rnd(perplexity(nll["memory"], n_tokens)),
                        "tokens": n_tokens, "summaries": n_summaries},
@@ -282,25 +350,26 @@ def _fmt(x, scale: float = 1.0, nd: int = 1) -> str:
 
 
 def markdown_table(res: dict) -> str:
-    """The results as a markdown table, modes as rows (and BM25 as a retrieval-only row), with a caption."""
-    m, rc, pp = res["modes"], res["recall_at_5"], res["perplexity"]
-    used = _fmt(rc["lexical"], 100)
-    rows = [
-        ("none", m["none"], "–", pp["none"]),
-        ("memory", m["memory"], used, pp["memory"]),
-        ("rag", m["rag"], used, None),
-    ]
-    lines = [f"Held-out evaluation of {res['model']} (fingerprint {res['fingerprint']}) with bank {res['bank']}: "
-             f"{res['articles']} articles, {res['questions']} questions, greedy, up to {res['max_tokens']} tokens, "
-             f"stop at a newline. The modes retrieve with the bank's lexical search (BM25). Perplexity over {pp['tokens']} tokens of {pp['summaries']} summaries; memory "
-             f"mode without the summary's own references.", "",
-             "| mode | EM % | F1 % | recall@5 % | TTFT ms | decode tok/s | perplexity |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, d, r, p in rows:
-        lines.append(f"| {name} | {_fmt(d['exact_match'], 100)} | {_fmt(d['f1'], 100)} | {r} | "
-                     f"{_fmt(d['ttft_ms'])} | {_fmt(d['decode_tokens_per_s'])} | {_fmt(p, nd=2)} |")
-    lines.append(f"| own dense embedder, HNSW (retrieval only) | – | – | {_fmt(rc['dense'], 100)} | – | – | – |")
-    lines.append(f"| BM25 baseline (retrieval only) | – | – | {_fmt(rc['bm25'], 100)} | – | – | – |")
+    """The results as markdown: the modes (when answered) and the retrievers, each as a table, with a caption."""
+    m, rc, pp, lat = res["modes"], res["recall_at_5"], res["perplexity"], res.get("retrieval_ms_p50", {})
+    lines = [f"Evaluation of {res['model']} (fingerprint {res['fingerprint']}) with bank {res['bank']} "
+             f"({res.get('bank_references', '?')} references): {res['questions']} questions from "
+             f"{res.get('questions_from', 'the held-out articles')}."]
+    if m:
+        lines += [f"Greedy, up to {res['max_tokens']} tokens, stop at a newline; the modes retrieve with "
+                  f"{res.get('retriever', 'hybrid')}." + (f" Perplexity over {pp['tokens']} tokens of "
+                  f"{pp['summaries']} summaries; memory mode without the summary's own references."
+                  if pp.get("tokens") else ""), "",
+                  "| mode | EM % | F1 % | contains % | TTFT ms | decode tok/s | perplexity |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name in MODES:
+            d = m[name]
+            lines.append(f"| {name} | {_fmt(d['exact_match'], 100)} | {_fmt(d['f1'], 100)} | "
+                         f"{_fmt(d.get('contains'), 100)} | {_fmt(d['ttft_ms'])} | {_fmt(d['decode_tokens_per_s'])} "
+                         f"| {_fmt(pp.get(name), nd=2)} |")
+    lines += ["", "| retriever | recall@5 % | query ms (p50) |", "|---|---:|---:|"]
+    for r, v in rc.items():
+        lines.append(f"| {r} | {_fmt(v, 100)} | {_fmt(lat.get(r), nd=2)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -324,15 +393,17 @@ def chart_png(res: dict) -> bytes:
     def pct(x):
         return None if x is None else 100 * x
 
-    panels = [
-        ("EM %", [(k, pct(m[k]["exact_match"])) for k in MODES]),
-        ("F1 %", [(k, pct(m[k]["f1"])) for k in MODES]),
-        ("top-5 recall %", [("bank (lexical)", pct(rc["lexical"])), ("dense", pct(rc["dense"])),
-                            ("BM25", pct(rc["bm25"]))]),
-        ("TTFT ms", [(k, m[k]["ttft_ms"]) for k in MODES]),
-        ("decode tok/s", [(k, m[k]["decode_tokens_per_s"]) for k in MODES]),
-        ("perplexity", [("none", pp["none"]), ("memory", pp["memory"])]),
-    ]
+    panels = []
+    if m:
+        panels += [("EM %", [(k, pct(m[k]["exact_match"])) for k in MODES]),
+                   ("F1 %", [(k, pct(m[k]["f1"])) for k in MODES]),
+                   ("contains %", [(k, pct(m[k].get("contains"))) for k in MODES])]
+    panels.append(("top-5 recall %", [(r, pct(v)) for r, v in rc.items()]))
+    if m:
+        panels += [("TTFT ms", [(k, m[k]["ttft_ms"]) for k in MODES]),
+                   ("decode tok/s", [(k, m[k]["decode_tokens_per_s"]) for k in MODES])]
+    if pp.get("tokens"):
+        panels.append(("perplexity", [("none", pp["none"]), ("memory", pp["memory"])]))
     return bar_chart(panels)
 
 

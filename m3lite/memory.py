@@ -1,7 +1,7 @@
 """Explicit memory at run time: encode references into memories, build banks, and put retrieved memories
 in front of the context while a model reads and writes (the Memory3 schedule).
 
-Modes, all with the same retrieval:
+Modes, all with the same retrieval (`m3lite.retrieval`: hybrid BM25 + sentence embeddings by default):
   memory  each `retrieval_interval`-token chunk of the prompt, and every `retrieval_interval` generated tokens,
           retrieves `retrieval_top_k` references; their memories (plus the <ref> key/value) are attended at
           the memory layers. Context positions start after the memories' shared interval [0, 128).
@@ -20,12 +20,10 @@ import numpy as np
 from .bank import Bank, BankError
 from .chat_template import qa_prompt, rag_context  # noqa: F401  (the prompt formats; kept importable here)
 from .errors import BadArgument
-from .retrieval import Embedder, MemoryCache, document_frequencies, idf_from_counts
+from .retrieval import RETRIEVERS, MemoryCache, Retriever, bank_embedder, check_retriever  # noqa: F401 (re-exported)
 from .sources import Document, chunk_document, iter_documents
 
 MODES = ("memory", "rag", "none")
-RETRIEVERS = ("lexical", "dense")
-IDF_ARRAY = "idf"
 
 
 def check_mode(mode: str) -> str:
@@ -35,13 +33,6 @@ def check_mode(mode: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ banks
-
-def bank_embedder(model, bank: Bank) -> Embedder:
-    idf = bank.get_array(IDF_ARRAY)
-    if idf is None or idf.shape != (model.config.vocab_size,):
-        raise BankError(f"bank {bank.path} has no IDF weights for this model's vocabulary; rebuild it")
-    return Embedder(model.files.weights["tok_embeddings"], idf)
-
 
 def open_bank(path, model) -> Bank:
     p = Path(path)
@@ -66,8 +57,8 @@ def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str
     """Encode the documents of `sources` (source strings or Document objects) into the bank at `bank_path`
     (created if `create`).
 
-    A new bank takes its IDF from all the references of this first build; later adds reuse it so that old
-    and new vectors stay comparable. Documents already present (same content hash) are skipped, so
+    Each reference is encoded by the model (its memory), embedded by the sentence embedder (its vector) and
+    indexed by its words. Documents already present (same content hash) are skipped, so
     rerunning an interrupted build resumes it. `progress(stats, total_references)` is called as it goes.
     """
     cfg = model.config
@@ -80,18 +71,18 @@ def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str
     tok = model.tokenizer
     if exists:
         bank = open_bank(bank_path, model)
+        embed = bank_embedder(bank)
     else:
+        from .embedder import default_embedder
+
+        embed = default_embedder()
         mem_shape = (len(cfg.memory_layer_ids), cfg.n_kv_heads, cfg.memory_tokens_per_head, cfg.hd)
-        bank = Bank.create(bank_path, model.fingerprint, mem_shape, quant=quant, embed_dim=cfg.dim,
-                           meta={"n_layers": cfg.n_layers, "model": cfg.name, "embedder": "idf-mean-v1"})
+        bank = Bank.create(bank_path, model.fingerprint, mem_shape, quant=quant, embed_dim=embed.dim,
+                           meta={"n_layers": cfg.n_layers, "model": cfg.name, "embedder": embed.fingerprint})
     present = bank.live_hashes()
     todo = [d for d in docs if d.sha256 not in present]
     chunks = {d.sha256: chunk_document(d, tok, cfg.reference_max_tokens) for d in todo}  # cut once
     total = sum(len(c) for c in chunks.values())
-    if bank.get_array(IDF_ARRAY) is None:
-        refs = [r.ids[1:] for c in chunks.values() for r in c]
-        bank.put_array(IDF_ARRAY, idf_from_counts(document_frequencies(refs, cfg.vocab_size), len(refs)))
-    embed = bank_embedder(model, bank)
     eng = model.engine("numba")
     cb = (lambda st: progress(st, total)) if progress is not None else None
     with model._guard():
@@ -120,10 +111,10 @@ class MemorySession:
     bank: Bank
     mode: str = "memory"
     top_k: int | None = None
-    retriever: str = "lexical"  # lexical: exact BM25 over the bank's tokens; dense: the own embedder over HNSW
+    retriever: "str | Retriever" = "hybrid"  # a name (see m3lite.retrieval), or a Retriever of this bank to share
     # what the prompt retrieves with: the user's question (`Model.ask`), never the template around it; None:
     # each retrieval_interval chunk of a raw prompt retrieves for itself (the paper's schedule)
-    query: list[int] | None = None
+    query: str | None = None
     cache: MemoryCache | None = None
     retrieval_s: float = 0.0
     attention_total: float = 0.0  # all attention mass at memory layers while memories were installed
@@ -132,18 +123,14 @@ class MemorySession:
     _by_doc: tuple[list, dict[str, list[int]]] | None = field(default=None, repr=False)  # doc id -> ref ids
 
     def __post_init__(self):
-        if self.retriever not in RETRIEVERS:
-            raise BadArgument(f"unknown retriever {self.retriever!r}; choose one of {', '.join(RETRIEVERS)}")
-        self.embed = bank_embedder(self.model, self.bank)
+        if isinstance(self.retriever, Retriever):
+            self.search = self.retriever
+        else:
+            self.search = Retriever(self.bank, check_retriever(self.retriever))
+            self.search.warm()  # one-time costs (index loads, the embedder) at open, not in the first answer
         self.k = self.top_k or self.model.config.retrieval_top_k
         if self.cache is None:
             self.cache = MemoryCache(self.bank)
-        # one-time costs (index load, compiled encoder) at open, not in the first answer's latency
-        if self.bank.live_count:
-            if self.retriever == "dense":
-                self.bank.search(np.ones(self.bank.embed_dim, np.float32), 1)
-            else:
-                self.bank.lexical_search([], 1)
         if self.mode == "memory":
             self.model.engine("numba").ref_kv()
 
@@ -169,23 +156,15 @@ class MemorySession:
             self._by_doc = (docs, by_doc)
         return self._by_doc[1]
 
-    def retrieve(self, token_ids: Sequence[int],
+    def retrieve(self, query: str | Sequence[int],
                  exclude: Iterable[int | str] | None = None) -> list[tuple[int, float]]:
-        """The top-k references for the text of `token_ids` (specials ignored), best first, as (id, score),
-        leaving out those named by `exclude` (see `excluded`)."""
+        """The top-k references for `query` (text, or token ids: their text, specials left out), best first, as
+        (id, score), leaving out those named by `exclude` (see `excluded`)."""
         t0 = time.perf_counter()
-        tok = self.model.tokenizer
-        ids = [int(t) for t in token_ids if not tok.is_special(int(t))]
-        skip = self.excluded(exclude)
-        found: list[tuple[int, float]] = []
-        if ids and self.bank.live_count and self.retriever == "lexical":
-            rid, sc = self.bank.lexical_search(ids, self.k, skip)
-            found = [(int(i), float(s)) for i, s in zip(rid, sc)]
-        elif ids and self.bank.live_count:
-            q = self.embed([ids])[0]
-            if np.any(q):
-                rid, sc = self.bank.search(q, min(self.k + len(skip), self.bank.live_count))
-                found = [(int(i), float(s)) for i, s in zip(rid, sc) if int(i) not in skip][:self.k]
+        if not isinstance(query, str):
+            tok = self.model.tokenizer
+            query = tok.decode([int(t) for t in query if not tok.is_special(int(t))])
+        found = self.search.search(query, self.k, self.excluded(exclude))
         for i, s in found:
             if i not in self.hits:
                 self.hits[i] = Hit(i, s)

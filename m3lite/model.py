@@ -115,12 +115,13 @@ class Model:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.1, seed: int | None = None,
                  stop: Sequence[str] | None = None, stream: bool = False, backend: str = "numba",
-                 cancel=None, bank=None, mode: str | None = None) -> str | Iterator[str]:
+                 cancel=None, bank=None, mode: str | None = None, retriever: str = "hybrid") -> str | Iterator[str]:
         """Generate a continuation of `prompt` (text, or token ids used as given).
 
         With a `bank` (an `m3lite.Bank` or its path), `mode` is "memory" (default: retrieved explicit memories
         are attended at the memory layers), "rag" (the same references' text goes before the prompt) or
-        "none"; `last_result.references` lists the references used.
+        "none"; `retriever` is "hybrid" (default), "lexical" or "dense" (see m3lite.retrieval);
+        `last_result.references` lists the references used.
 
         stream=False returns the text; stream=True returns an iterator of text pieces. After the call (or the
         iteration) `model.last_result` holds tokens, finish reason and timings. `cancel` is an optional
@@ -135,7 +136,7 @@ class Model:
         params.validate()
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(self._ids(prompt))
         self.engine(backend)  # fail early on a bad backend name
-        session = self.memory_session(bank, mode, backend)
+        session = self.memory_session(bank, mode, backend, retriever)
         return _text_or_stream(self._run(list(ids), params, backend, cancel, session), stream, self)
 
     def chat(self, bank=None, mode: str | None = None, **settings):
@@ -144,7 +145,7 @@ class Model:
 
         return Chat(self, bank=bank, mode=mode, **settings)
 
-    def memory_session(self, bank, mode: str | None, backend: str = "numba"):
+    def memory_session(self, bank, mode: str | None, backend: str = "numba", retriever="hybrid"):
         """A MemorySession for `bank` in `mode`, or None for the plain model."""
         from .memory import MemorySession, check_mode, open_bank
 
@@ -164,7 +165,7 @@ class Model:
 
             raise FingerprintError(f"bank {bank.path} was built for another model (fingerprint {bank.fingerprint}, "
                                    f"this model is {self.fingerprint}): rebuild the bank with this model")
-        return MemorySession(self, bank, mode=mode)
+        return MemorySession(self, bank, mode=mode, retriever=retriever)
 
     @property
     def bank_mode(self) -> str:
@@ -197,7 +198,7 @@ class Model:
     def ask(self, question: str, bank=None, mode: str | None = None, system: str | None = None,
             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
             repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-            stream: bool = False, backend: str = "numba", cancel=None) -> str | Iterator[str]:
+            stream: bool = False, backend: str = "numba", cancel=None, retriever: str = "hybrid") -> str | Iterator[str]:
         """Answer `question` in the model's chat format (greedy by default), from `bank` in `mode` as
         `generate`; retrieval searches with the question alone, never with the template around it.
         Returns the answer (or, with stream=True, an iterator of its pieces); `last_result` as `generate`."""
@@ -208,9 +209,9 @@ class Model:
         params.validate()
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
         self.engine(backend)
-        session = self.memory_session(bank, mode, backend)
+        session = self.memory_session(bank, mode, backend, retriever)
         if session is not None:
-            session.query = self.tokenizer.encode(question)
+            session.query = question
         it = self._run(self.prompt(msgs), params, backend, cancel, session,
                        with_refs=lambda texts: self.prompt(msgs, texts))
         return _text_or_stream(it, stream, self)

@@ -61,6 +61,22 @@ def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def json_checksum(obj: dict) -> str:
+    """sha256 of a JSON object without its "checksum" field (canonical: sorted keys): a manifest checks itself."""
+    body = {k: v for k, v in obj.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def signed_json(obj: dict, indent: int = 2) -> bytes:
+    """`obj` as JSON text with its checksum (see json_checksum)."""
+    return (json.dumps(dict(obj, checksum=json_checksum(obj)), indent=indent, ensure_ascii=False) + "\n").encode()
+
+
+def checksum_ok(obj: dict) -> bool:
+    """Whether a manifest matches its checksum (files written before checksums carry none: accepted)."""
+    return "checksum" not in obj or obj["checksum"] == json_checksum(obj)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -178,7 +194,7 @@ def write_manifest(out_dir: str | os.PathLike, cfg: ModelConfig, weights_index: 
     }
     if extra:
         manifest.update(extra)
-    atomic_write_bytes(out / CONFIG_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(out / CONFIG_FILE, signed_json(manifest))
     return fp
 
 
@@ -231,6 +247,9 @@ class ModelFiles:
             raise ModelFileError(f"{cpath} is not valid JSON ({e}); the model directory is corrupt") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ModelFileError(f"{cpath} is not an m3lite model manifest")
+        if not checksum_ok(manifest):
+            raise ModelFileError(f"{cpath} does not match its checksum: it was altered or corrupted; re-export or "
+                                 f"re-download the model")
         if manifest.get("version") != VERSION:
             raise ModelFileError(f"{cpath} has format version {manifest.get('version')!r}; this m3lite reads "
                                  f"version {VERSION}: upgrade m3lite or re-export the model")

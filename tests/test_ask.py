@@ -178,7 +178,7 @@ def test_killed_bank_add_keeps_last_commit_and_resumes(tiny_model_dir, tmp_path)
     docs.mkdir()
     rng = random.Random(0)
     words = "river mountain city music science history planet language animal energy".split()
-    n_docs = 1500
+    n_docs = 600  # each reference is also embedded (~100/s): enough for an add to outlast the kills
     for i in range(n_docs):
         (docs / f"d{i:04d}.txt").write_text(" ".join(rng.choice(words) for _ in range(300)) + f" doc {i}.")
     counts = [Bank.open(bank).count]

@@ -14,6 +14,7 @@ import pytest
 from m3lite import bank as bank_mod
 from m3lite.bank import Bank, BankBusyError, BankError, FingerprintError, HnswIndex
 from m3lite.errors import BadArgument, M3Error
+from m3lite.modelfile import json_checksum
 from m3lite.sources import Document, chunk_document
 from textgen import sentence, train_small_tokenizer
 
@@ -43,8 +44,15 @@ def fake_encode(batch):
     return k, v, pos, cnt
 
 
-def fake_embed(batch):
-    return np.stack([_rng([7] + list(ids)).standard_normal(DIM).astype(np.float32) for ids in batch])
+def fake_embed(texts):
+    """Deterministic stand-in for the sentence embedder: a vector per text."""
+    return np.stack([np.random.default_rng(zlib.crc32(t.encode())).standard_normal(DIM).astype(np.float32)
+                     for t in texts])
+
+
+def sign(m):
+    """A manifest edited by a test, with its checksum made right again (to reach the checks behind it)."""
+    return dict(m, checksum=json_checksum(m))
 
 
 def make_docs(n, seed=0, prefix="doc"):
@@ -114,7 +122,7 @@ def test_add_open_search_memories_info(tok, tmp_path):
     assert n < T and np.all(cs == n) and np.all(ks[..., n:, :] == 0) and np.all(ps[..., n:] == 0)
 
     # search: a stored reference's own embedding finds it first, exact and through the index alike
-    q = fake_embed([expect[7].ids[1:]])[0]
+    q = fake_embed([bank_mod.index_text(expect[7])])[0]
     ids_e, sc_e = b2.search(q, 5, exact=True)
     ids_h, sc_h = b2.search(q, 5, exact=False)
     assert ids_e[0] == 7 and abs(sc_e[0] - 1) < 1e-5 and np.all(np.diff(sc_e) <= 0)
@@ -312,22 +320,26 @@ def test_refuses_damaged_and_foreign(tok, tmp_path):
                  lambda m: m["memory"].update(head_dim=9), lambda m: m["memory"].update(quant="int3"),
                  lambda m: m["files"].pop("refs.bin"), lambda m: m["index"].update(file="../../etc/passwd"),
                  lambda m: m["index"].update(count=10 ** 6),
-                 lambda m: m["files"]["crc.u32"].update(sha256="0" * 64), lambda m: m.update(version=99),
-                 lambda m: m.update(format="something-else"), lambda m: m.pop("fingerprint")):
+                 lambda m: m["files"]["checks.bin"].update(sha256="0" * 64), lambda m: m.update(version=99),
+                 lambda m: m.update(format="something-else"), lambda m: m.pop("fingerprint"),
+                 lambda m: m["lexical"].update(file="../lexical.1.bin"), lambda m: m["lexical"].update(count=10 ** 6)):
         mm = json.loads(json.dumps(m))
         edit(mm)
-        (p / "manifest.json").write_text(json.dumps(mm))
+        (p / "manifest.json").write_text(json.dumps(sign(mm)))
         refused()
+    # the manifest checks itself: one changed value (still valid JSON) is refused
+    (p / "manifest.json").write_text(good["manifest.json"].decode().replace('"generation": ', '"generation": 1', 1))
+    refused("checksum")
     # a missing index file: the bank opens (the index is derived data) but verify and HNSW search refuse
     mm = json.loads(good["manifest.json"])
     mm["index"]["file"] = "index.999.hnsw"
-    (p / "manifest.json").write_text(json.dumps(mm))
+    (p / "manifest.json").write_text(json.dumps(sign(mm)))
     refused("index", check=lambda: Bank.open(p).verify())
     (p / "manifest.json").write_text("[1, 2]")
     refused("not an m3lite bank")
-    # a flipped byte: the crc file at open, a record or a text at verify
-    for name, at_open in (("crc.u32", True), ("memories.bin", False), ("texts.bin", False),
-                          ("vectors.f32", False), ("refs.bin", False)):
+    # a flipped byte: the tables at open, a record at verify (and when it is read)
+    for name, at_open in (("checks.bin", True), ("memories.bin", False), ("texts.bin", False),
+                          ("vectors.f32", False), ("refs.bin", True), ("terms.u64", False), ("tokens.u32", False)):
         data = bytearray(good[name])
         data[len(data) // 2] ^= 0x40
         (p / name).write_bytes(bytes(data))
@@ -452,7 +464,7 @@ def test_sigkill_at_random_points(tok, tmp_path):
         k, _, pos, cnt = b.memories([i])
         K, _, P, C = fake_encode([expect[i].ids])
         assert np.array_equal(cnt, C) and np.abs(k - K * (np.arange(T) < C[..., None])[..., None]).max() < 0.05
-        q = fake_embed([expect[i].ids[1:]])[0]
+        q = fake_embed([bank_mod.index_text(expect[i])])[0]
         assert b.search(q, 1, exact=False)[0][0] == i
     leftovers = [x.name for x in bank_path.iterdir() if x.name.endswith(".tmp")]
     assert leftovers == []
@@ -462,14 +474,14 @@ def test_sigkill_at_random_points(tok, tmp_path):
 
 
 def test_lexical_search_finds_by_words_skips_removed_and_survives_reopen(tok, tmp_path):
-    """BM25 over the stored tokens: a document's rare words find it first; removed references and `skip`ped
-    ones are never returned; the tokens are checked by verify(); a version-1 bank is refused with 'rebuild'."""
+    """BM25 over the references' words: a document's rare words find it first; removed references and `skip`ped
+    ones are never returned; the tokens are checked by verify(); a version-2 bank is refused with 'rebuild'."""
     docs = make_docs(30, seed=3)
     special = Document("zz", "Zebra", "The quick zebra jumps over seven lazy volcanoes.\n\nZebras eat grass.", "test")
     b = new_bank(tmp_path / "bank")
     b.add(docs + [special], fake_encode, fake_embed, tok, 32)
     mine = [i for i in range(b.count) if b.reference(i)["doc_id"] == "zz"]
-    q = tok.encode("zebra volcanoes")
+    q = "ZEBRA volcanoes"
     ids, sc = b.lexical_search(q, 3)
     assert ids[0] in mine and len(ids) <= 3 and np.all(np.diff(sc) <= 0) and sc[0] > 0
     # the stored tokens are the reference's own (with <ref> first)
@@ -477,20 +489,23 @@ def test_lexical_search_finds_by_words_skips_removed_and_survives_reopen(tok, tm
     assert ref["n_tokens"] == len(chunk_document(special, tok, 32)[mine.index(int(ids[0]))].ids)
     # skip and removal
     assert not set(b.lexical_search(q, 5, skip=mine)[0]) & set(mine)
-    assert len(b.lexical_search([], 5)[0]) == 0  # nothing matches an empty query
+    assert len(b.lexical_search("", 5)[0]) == 0  # nothing matches an empty query
     b.remove("zz")
     b2 = Bank.open(tmp_path / "bank")
     assert not set(b2.lexical_search(q, 5)[0]) & set(mine)
     assert b2.verify()["ok"]
-    # tokens.u32 is checksummed like every data file
+    # the tokens are checked record by record: verify names the reference's document
     data = (tmp_path / "bank" / "tokens.u32").read_bytes()
-    (tmp_path / "bank" / "tokens.u32").write_bytes(data[:-4] + b"\xff\xff\xff\xff")
+    (tmp_path / "bank" / "tokens.u32").write_bytes(data[:4] + b"\xff\xff\xff\xff" + data[8:])
     with pytest.raises(BankError) as e:
         Bank.open(tmp_path / "bank").verify()
-    assert "tokens.u32" in one_line_error(e)
+    assert "doc0" in one_line_error(e)
+    with pytest.raises(BankError) as e:
+        Bank.open(tmp_path / "bank").tokens(0)
+    assert "reference 0" in one_line_error(e)
     (tmp_path / "bank" / "tokens.u32").write_bytes(data)
     man = json.loads((tmp_path / "bank" / "manifest.json").read_text())
-    man["version"] = 1
+    man["version"] = 2
     (tmp_path / "bank" / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(BankError) as e:
         Bank.open(tmp_path / "bank")

@@ -158,19 +158,20 @@ def test_eval_command_json_and_report(evalbank, tmp_path):
     assert res["articles"] == N_ARTICLES and N_ARTICLES <= res["questions"] <= 2 * N_ARTICLES
     assert set(res["modes"]) == {"none", "memory", "rag"}
     for d in res["modes"].values():
-        assert set(d) == {"exact_match", "f1", "ttft_ms", "decode_tokens_per_s"}
+        assert set(d) == {"exact_match", "f1", "contains", "ttft_ms", "decode_tokens_per_s"}
         assert 0 <= d["exact_match"] <= d["f1"] <= 1  # an exact match is an F1 of 1
-        assert d["ttft_ms"] > 0
-    assert set(res["recall_at_5"]) == {"lexical", "dense", "bm25"}
+        assert d["exact_match"] <= d["contains"] <= 1 and d["ttft_ms"] > 0
+    assert set(res["recall_at_5"]) == set(res["retrieval_ms_p50"]) == {"hybrid", "lexical", "dense"}
     assert all(0 <= v <= 1 for v in res["recall_at_5"].values())
-    assert res["recall_at_5"]["bm25"] == 1.0  # 3 articles' worth of references: each question names its title
-    assert res["recall_at_5"]["lexical"] == 1.0  # the bank's own BM25 over its stored tokens
+    assert res["recall_at_5"]["lexical"] == 1.0  # 3 articles' worth of references: each question names its title
+    assert res["recall_at_5"]["hybrid"] == 1.0
     pp = res["perplexity"]
     assert pp["summaries"] == N_ARTICLES and pp["tokens"] > 100
     assert 1 < pp["none"] < 10 * 512 and 1 < pp["memory"] < 10 * 512  # a random model: about the vocab size
     assert pp["memory"] != pp["none"]  # other articles' memories were attended
     md = report.read_text()
-    assert "| mode | EM % | F1 % | recall@5 % | TTFT ms | decode tok/s | perplexity |" in md
+    assert "| mode | EM % | F1 % | contains % | TTFT ms | decode tok/s | perplexity |" in md
+    assert "| retriever | recall@5 % | query ms (p50) |" in md
     assert markdown_table(res) in md
     png = (tmp_path / "eval.png").read_bytes()
     assert res["report"] == {"markdown": str(report), "chart": str(tmp_path / "eval.png")}

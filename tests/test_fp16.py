@@ -24,7 +24,7 @@ from converters.tokenizer import cached_tokenizer  # noqa: E402
 from m3lite.config import ModelConfig  # noqa: E402
 from m3lite.engine import Engine  # noqa: E402
 from m3lite.errors import BadArgument, ModelFileError  # noqa: E402
-from m3lite.modelfile import ALIGN, CONFIG_FILE, DATA_FILE, ModelFiles, tensor_shapes, write_weights  # noqa: E402
+from m3lite.modelfile import ALIGN, CONFIG_FILE, DATA_FILE, ModelFiles, signed_json, tensor_shapes, write_weights  # noqa: E402
 
 TOL = 1e-4  # numba vs onnxruntime, as for float32 models
 # float16 vs float32 storage of the same weights (the weights' float16 rounding, relative 2^-11 at most), as a
@@ -106,12 +106,15 @@ def test_open_refuses_altered_float16_files(pair, tmp_path, monkeypatch):
     m = json.loads((d / CONFIG_FILE).read_text())
     for t in m["weights"]["tensors"].values():
         t["dtype"] = "float32"
-    (d / CONFIG_FILE).write_text(json.dumps(m))
+    (d / CONFIG_FILE).write_text(json.dumps(m))  # the manifest checks itself
+    with pytest.raises(ModelFileError, match="checksum"):
+        ModelFiles.open(d)
+    (d / CONFIG_FILE).write_bytes(signed_json(m))  # signed again, to reach the checks behind
     with pytest.raises(ModelFileError, match="outside the weight file"):
         ModelFiles.open(d)
     for t in m["weights"]["tensors"].values():
         t["dtype"] = "bfloat16"
-    (d / CONFIG_FILE).write_text(json.dumps(m))
+    (d / CONFIG_FILE).write_bytes(signed_json(m))
     with pytest.raises(ModelFileError, match="bfloat16"):
         ModelFiles.open(d)
 

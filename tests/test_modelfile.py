@@ -9,7 +9,7 @@ import pytest
 
 from m3lite.config import ModelConfig
 from m3lite.errors import BadArgument, ModelFileError
-from m3lite.modelfile import CONFIG_FILE, DATA_FILE, TOKENIZER_FILE, ModelFiles, tensor_shapes
+from m3lite.modelfile import CONFIG_FILE, DATA_FILE, TOKENIZER_FILE, ModelFiles, signed_json, tensor_shapes
 
 
 @pytest.fixture()
@@ -82,6 +82,8 @@ def test_manifest_path_cannot_escape(model_copy):
     m = json.loads(c.read_text())
     m["weights"]["file"] = "../../etc/passwd"
     c.write_text(json.dumps(m))
+    refused(model_copy, "checksum")  # the manifest checks itself; signed again, the path is refused
+    c.write_bytes(signed_json(m))
     refused(model_copy, "plain file name")
 
 
@@ -89,7 +91,7 @@ def test_bad_config_in_manifest(model_copy):
     c = model_copy / CONFIG_FILE
     m = json.loads(c.read_text())
     m["config"]["n_heads"] = 3
-    c.write_text(json.dumps(m))
+    c.write_bytes(signed_json(m))
     refused(model_copy, "invalid model config")
 
 

@@ -46,7 +46,7 @@ def _json(path: Path, required: bool = True) -> dict[str, Any]:
     return d
 
 
-def _safetensors_index(path: Path) -> dict[str, tuple[Path, str, tuple[int, ...], int, int]]:
+def safetensors_index(path: Path) -> dict[str, tuple[Path, str, tuple[int, ...], int, int]]:
     """name -> (file, dtype, shape, start, end) of every tensor in one .safetensors file, checked against its size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -75,7 +75,8 @@ def _safetensors_index(path: Path) -> dict[str, tuple[Path, str, tuple[int, ...]
     return out
 
 
-def _load(entry, name: str) -> np.ndarray:
+def read_tensor(entry, name: str) -> np.ndarray:
+    """One tensor of a `safetensors_index` entry as float32 (memory-mapped, then converted)."""
     path, dtype, shape, a, b = entry
     if dtype not in DTYPES:
         raise CheckpointError(f"{path}: tensor {name} is {dtype}; m3lite imports F32, F16 and BF16 safetensors")
@@ -118,7 +119,7 @@ def read_hf(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"{src}: no *.safetensors weights (other weight formats are not read)")
     index: dict[str, Any] = {}
     for f in files:
-        index.update(_safetensors_index(f))
+        index.update(safetensors_index(f))
     n_heads = int(c["num_attention_heads"]) if "num_attention_heads" in c else 0
     try:
         dim = int(c["hidden_size"])
@@ -141,7 +142,7 @@ def read_hf(folder: str | Path) -> Checkpoint:
         key = NAMES[name].format(i=layer)
         if key not in index:
             raise CheckpointError(f"{src}: tensor {key} is missing")
-        return _load(index[key], key)
+        return read_tensor(index[key], key)
 
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
