@@ -197,7 +197,7 @@ class EvalItem:
 
 def read_qa(path: str | Path, bank) -> list[EvalItem]:
     """A QA file: one JSON object per line, {"question", "answer"} and optionally "document" (a bank document
-    id, for recall). A bad line is a one-line M3Error naming it."""
+    id, or the "id" of a JSONL source line, for recall). A bad line is a one-line M3Error naming it."""
     import json
 
     p = Path(path)
@@ -206,6 +206,9 @@ def read_qa(path: str | Path, bank) -> list[EvalItem]:
     except (OSError, UnicodeDecodeError) as e:
         raise M3Error(f"cannot read the QA file {p}: {e}") from None
     docs = bank_documents(bank)
+    for doc_id, refs in list(docs.items()):  # a JSONL line's own id ("path#id" -> "id") names it too
+        if "#" in doc_id:
+            docs.setdefault(doc_id.rsplit("#", 1)[1], refs)
     out: list[EvalItem] = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

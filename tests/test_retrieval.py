@@ -11,7 +11,7 @@ import m3lite
 from m3lite import lexical
 from m3lite.bank import Bank, BankError
 from m3lite.memory import MemorySession, build_or_add
-from m3lite.retrieval import BM25, fuse
+from m3lite.retrieval import BM25, RRF_K, fuse
 from clitools import one_line_error, run
 
 NOTES = {
@@ -58,7 +58,9 @@ def test_term_index_matches_bm25_by_hand():
     assert s[0] > 0 and s[1] == 0
     tok = BM25([[7, 8, 8], [8, 9]])
     assert list(tok.ranked([7], 5)) == [0] and list(tok.ranked([1, 2], 5)) == []  # specials weigh nothing
-    assert fuse([[1, 2, 3], [3, 1]], 2) == [(1, pytest.approx(1 / 61 + 1 / 62)), (3, pytest.approx(1 / 63 + 1 / 61))]
+    k = RRF_K
+    assert fuse([[1, 2, 3], [3, 1]], 2) == [(1, pytest.approx(1 / (k + 1) + 1 / (k + 2))),
+                                           (3, pytest.approx(1 / (k + 3) + 1 / (k + 1)))]
 
 
 def test_two_word_name_beats_its_common_pieces_and_accents_fold(built):
