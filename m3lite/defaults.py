@@ -41,9 +41,12 @@ def default_sources() -> list[str]:
 
 
 def default_bank_dir(model) -> Path:
-    """Where the default bank of `model` lives: one per model fingerprint, in the user's cache."""
+    """Where the default bank of `model` lives: one per model fingerprint and bank format, in the user's cache
+    (a bank of an older format is left alone, not refused: a new one is built beside it)."""
+    from .bank import VERSION
+
     tag = "-".join(s.replace(":", "-").replace("/", "_") for s in default_sources())
-    return cache_dir() / "banks" / f"{tag}-{model.fingerprint[:16]}"
+    return cache_dir() / "banks" / f"{tag}-{model.fingerprint[:16]}-v{VERSION}"
 
 
 def default_bank_ready(model) -> bool:
