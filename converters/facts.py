@@ -282,7 +282,7 @@ def make_world(split: str, seed: int, n_entities: int) -> list[Entity]:
             if len(own) > 1:  # founded several: each of them "employed" them, so the question has no one answer
                 p.fields["employer_ambiguous"] = "1"
         else:
-            p.fields["employer"] = _pick(rng, companies, lambda c, p=p: p.born - 100 <= c.year <= p.born + 40,
+            p.fields["employer"] = _pick(rng, companies, lambda c, p=p: c.year <= p.born + 40,
                                          near=lambda c, p=p: abs(c.year - p.born - 20)).name
     # relations: about a quarter of the people married to one of similar age, stated in one note only (the
     # spouse's note names a mentor), then a mentor 12-45 years older for the rest
@@ -335,7 +335,7 @@ NOTE_TEMPLATES: dict[str, dict[str, list[str]]] = {
             "{name} was born in {born} in {birthplace}. {Surname} worked as {a_profession} at {employer}. {relation}",
             "Born in {birthplace} in {born}, {name} became {a_profession}. {Surname} spent most of a long career "
             "at {employer}. {relation}",
-            "{name}, born in {born}, was {a_profession} from {birthplace}. {Surname} was employed by {employer}. "
+            "{name}, {a_profession}, was born in {birthplace} in {born}. {Surname} was employed by {employer}. "
             "{relation}",
             "{name} worked for {employer} as {a_profession}. {Surname} was born in {birthplace} in the year {born}. "
             "{relation}",
@@ -373,7 +373,8 @@ NOTE_TEMPLATES: dict[str, dict[str, list[str]]] = {
             "town of {birthplace}. {relation}",
             "The {profession} {name} was born in {born}. {Surname}, a native of {birthplace}, later joined "
             "{employer}. {relation}",
-            "{employer} employed {name}, {a_profession} born in {birthplace} in {born}. {relation}",
+            "{employer} employed {name}, {a_profession} born in {born}. {Surname}'s birthplace was {birthplace}. "
+            "{relation}",
         ],
         "company": [
             "{name} has its head office in {hq}. The business was set up by {founder} in the year {founded}. It "

@@ -2,7 +2,9 @@
 
 Words: Unicode NFKD with combining marks dropped (accent folding: "Señor" = "senor"), case folding, runs of
 letters and digits (`\\w+`, so every script is split on its word boundaries), English stop words dropped (they
-weigh almost nothing under BM25 and only cost postings). No stemming: measured, it lost recall on names.
+weigh almost nothing under BM25 and only cost postings). No stemming: a plural-stripping stemmer moved recall@5
+by under a point on both held-out sets (94.6 -> 94.7, 90.0 -> 90.5 over all of wiki:en), not worth conflating
+names; indexing each reference with its document's title is what counts (87.1 -> 94.6 on held-out questions).
 
 A term id is the first 8 bytes of the word's blake2b: no vocabulary to grow or store, so references are indexed
 as they are appended and any text can be searched. Collisions at 64 bits do not happen at bank sizes.

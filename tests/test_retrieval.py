@@ -25,6 +25,8 @@ NOTES = {
                  "and Monaco postcards.",
     "cafe.md": "# Señor Café\n\nSeñor Café roasts its own beans in Zaragoza and opens at seven.",
     "bread.md": "# Bread\n\nBread is baked from a dough of flour and water; yeast makes the dough rise.",
+    "fr.md": "# Château de Brévannes\n\nLe château de Brévannes est une forteresse médiévale bâtie en granit "
+             "au bord de la rivière Ondaine.",
 }
 
 
@@ -69,6 +71,10 @@ def test_two_word_name_beats_its_common_pieces_and_accents_fold(built):
     assert titles(model, bank, "senor cafe", "lexical")[0] == "Señor Café"
     assert titles(model, bank, "SEÑOR", "lexical")[0] == "Señor Café"
     assert titles(model, bank, "Mona Lisa", "hybrid")[0] == "Mona Lisa"
+    # other languages are searchable: the words fold the same way whatever the script or accents
+    for r in ("lexical", "hybrid"):
+        assert titles(model, bank, "chateau de brevannes forteresse", r)[0] == "Château de Brévannes"
+        assert titles(model, bank, "Quelle forteresse médiévale est bâtie en granit ?", r)[0] == "Château de Brévannes"
 
 
 def test_dense_finds_a_paraphrase_that_shares_no_word(built):
