@@ -28,8 +28,9 @@ What is made:
 - the "train" and "eval" splits share the entity generator but no template: their notes and questions are written
   differently, so evaluation never sees a training template. Their default seeds differ too (`DEFAULT_SEEDS`).
 
-Output: notes {"id", "title", "text"} (ids "person-0007", "town-0012", ...; the m3lite JSONL source format, so a
-bank built from notes.jsonl names them "<path>#<id>") and questions {"question", "answer", "document" (the note's
+Output: notes {"id", "title", "text"} (ids "eval2-person-0007", "eval2-town-0012", ...: split and seed first, so
+sets made with other seeds or splits never share an id and can go into one bank; the m3lite JSONL source format,
+so a bank built from notes.jsonl names them "<path>#<id>", which `m3lite eval --qa` matches by the id) and questions {"question", "answer", "document" (the note's
 id), "kind" ("person.born", "company.founder", ...), "split"}. Everything follows from (split, seed, n_entities,
 per_entity) through random.Random.
 """
@@ -82,7 +83,7 @@ STOP_WORDS = frozenset("""
     abram alban amend barack basel begin begun benin broken bruno davis denis disband dorsal dozen feral fetal
     graham haven horror houston kumar larva latin levin login mahal maiden mammoth manga marin martin mellon
     nepal normal pagan patron prison quarrel raman rigor rosen samar shaken sharon shovel tamil tasman timor
-    tremor truman vernon viral vista volta zeros penal proton lennon
+    tremor truman vernon viral vista volta zeros penal proton lennon bella della vitro loren leland dogan
 """.split())
 
 _ONSETS = ("b br d dr f g gr h k kr l m n p pr r s st t tr v z th sh qu".split()
@@ -94,6 +95,16 @@ _FINAL_CODAS = ["", "", "n", "r", "l", "s", "th", "ch", "nd", "rk", "m", "n", "r
 _TOWN_ENDINGS = "vale ford wick holm mere stead by haven moor bury".split()
 _BAD = re.compile(r"([aeiou])\1|[^aeiouy]{3}|^[^aeiou]{3}|[aeiou]{3}|q(?!u)|uu|ii")
 _ENGLISH_END = re.compile(r"(?:es|ed|er|ing|[^aeiou]e)$")  # plurals, past tenses, agents, silent e: too English
+
+
+def _pronounceable(parts: list[str], ending: str) -> bool:
+    """Whether syllables `parts` + `ending` make a name: 5-11 letters, no clusters of three consonants or
+    vowels, at most one diphthong, no syllable twice in a row, no English-looking ending of its own."""
+    stem = "".join(parts)
+    w = stem + ending
+    return (5 <= len(w) <= 11 and len(stem) <= 9 and len(re.findall("ai|ei|ou", w)) <= 1
+            and not _BAD.search(stem) and not _BAD.search(stem[-1:] + ending[:2])
+            and not (not ending and _ENGLISH_END.search(w)) and all(a != b for a, b in zip(parts, parts[1:])))
 
 
 def _word_split(word: str) -> str:
@@ -110,6 +121,7 @@ class NameMaker:
         self.used: set[str] = set()
 
     def word(self, syllables: tuple[int, int] = (2, 2), ending: str = "") -> str:
+        """A new word of `syllables` (min, max) syllables, then `ending`; BadArgument when none is left."""
         rng = self.rng
         for _ in range(10_000):
             n = rng.randint(*syllables)
@@ -120,21 +132,19 @@ class NameMaker:
                 coda = rng.choice(_FINAL_CODAS if i == n - 1 else _CODAS)
                 parts.append(onset + rng.choice(_VOWELS) + coda)
                 closed = bool(coda)
-            stem = "".join(parts)
-            w = stem + ending
-            if (not 5 <= len(w) <= 11 or len(stem) > 9 or len(re.findall("ai|ei|ou", w)) > 1 or _BAD.search(stem) or _BAD.search(stem[-1:] + ending[:2]) or not ending and _ENGLISH_END.search(w)
-                    or any(a == b for a, b in zip(parts, parts[1:])) or w in STOP_WORDS or w in self.used):
-                continue
-            if _word_split(w) != self.split:
-                continue
-            self.used.add(w)
-            return w.capitalize()
+            w = "".join(parts) + ending
+            if (_pronounceable(parts, ending) and w not in STOP_WORDS and w not in self.used
+                    and _word_split(w) == self.split):
+                self.used.add(w)
+                return w.capitalize()
         raise BadArgument("ran out of invented names; ask for fewer entities")
 
     def person(self) -> tuple[str, str]:
+        """(first name, surname)."""
         return self.word((2, 2)), self.word((2, 3))
 
     def town(self) -> str:
+        """A town's name, often with an English-looking ending ("Ostrevale", "Penmoor")."""
         return self.word((2, 2)) if self.rng.random() < 0.4 else self.word((1, 2), self.rng.choice(_TOWN_ENDINGS))
 
 
@@ -182,6 +192,7 @@ FACTS = {
 
 @dataclass
 class Entity:
+    """One invented person, company, town or object: its facts as template fields, and the ones a note states."""
     kind: str
     name: str
     id: str = ""
@@ -223,7 +234,7 @@ def _pick(rng: random.Random, pool: list, fits, taken: set | None = None, near=N
 
 def make_world(split: str, seed: int, n_entities: int) -> list[Entity]:
     """The entities of a set: people (about 40%), companies, towns and objects (about 20% each), with their facts
-    and links; ids "<kind>-NNNN"."""
+    and links; ids "<split><seed>-<kind>-NNNN"."""
     rng = random.Random(f"facts/{split}/{seed}")
     names = NameMaker(rng, split)
     n_small = max(1, n_entities // 5)
@@ -260,6 +271,16 @@ def make_world(split: str, seed: int, n_entities: int) -> list[Entity]:
         purposes, materials, (lo, hi) = OBJECT_TYPES[o.fields["noun"]]
         o.fields.update(inventor=inv.name, purpose=rng.choice(purposes), material=rng.choice(materials),
                         weight=_weight(rng, lo, hi))
+    # someone born so early that no company existed by their forties is born later (their inventions move along)
+    first_company = min(c.year for c in companies)
+    for p in people:
+        if id(p) in founders or p.born + 40 >= first_company:
+            continue
+        born = rng.randint(first_company - 40, max(first_company - 40, 1940))
+        for o in objects:
+            if o.fields["inventor"] == p.name:
+                o.year += born - p.born
+        p.born = born
     # company products: an object from at most 20 years before the founding; towns' landmarks: any object
     products: set[int] = set()
     for c in companies:
@@ -314,7 +335,7 @@ def make_world(split: str, seed: int, n_entities: int) -> list[Entity]:
     width = max(4, len(str(n_entities)))
     for kind in FACTS:
         for i, e in enumerate(x for x in ents if x.kind == kind):
-            e.id = f"{kind}-{i + 1:0{width}d}"
+            e.id = f"{split}{seed}-{kind}-{i + 1:0{width}d}"
             e.fields["name"] = e.name
             e.answers = {f: e.fields[f] for f in FACTS[kind] if f in e.fields}
     for p in people:
@@ -406,11 +427,11 @@ NOTE_TEMPLATES: dict[str, dict[str, list[str]]] = {
 # A person's relation sentence ({Surname}, {mentor} or {spouse}).
 RELATION_TEMPLATES: dict[str, dict[str, list[str]]] = {
     "train": {
-        "mentor": ["{Surname} trained under {mentor}.", "{Surname} learned the trade from {mentor}."],
+        "mentor": ["{Surname} trained under {mentor}.", "{Surname} studied under {mentor}."],
         "spouse": ["{Surname} was married to {spouse}.", "{Surname} married {spouse}."],
     },
     "eval": {
-        "mentor": ["{mentor} taught {Surname} the craft.", "{Surname}'s mentor was {mentor}."],
+        "mentor": ["{Surname} was taught by {mentor}.", "{Surname}'s mentor was {mentor}."],
         "spouse": ["{Surname} and {spouse} were married.", "{Surname}'s spouse was {spouse}."],
     },
 }
