@@ -73,9 +73,11 @@ def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str
         bank = open_bank(bank_path, model)
         embed = bank_embedder(bank)
     else:
+        import sys
+
         from .embedder import default_embedder
 
-        embed = default_embedder()
+        embed = default_embedder(say=lambda s: print(f"m3lite: {s}", file=sys.stderr))
         mem_shape = (len(cfg.memory_layer_ids), cfg.n_kv_heads, cfg.memory_tokens_per_head, cfg.hd)
         bank = Bank.create(bank_path, model.fingerprint, mem_shape, quant=quant, embed_dim=embed.dim,
                            meta={"n_layers": cfg.n_layers, "model": cfg.name, "embedder": embed.fingerprint})

@@ -4,8 +4,9 @@ Three retrievers over the same bank, chosen with `--retriever`:
   lexical  exact BM25 over the references' words (`m3lite.lexical`; the index is stored in the bank)
   dense    cosine similarity of sentence embeddings (`m3lite.embedder`, the bank's embedder) over HNSW
   hybrid   reciprocal-rank fusion of the two (the default): score = sum over retrievers of 1 / (RRF_K + rank),
-           over each retriever's best POOL references. Lexical search finds names and rare words; dense search
-           finds paraphrases that share no word with the reference.
+           over each retriever's best POOL references, keeping those that one search found relevant by itself
+           (`relevant`). Lexical search finds names and rare words; dense search finds paraphrases that share no
+           word with the reference.
 
 `BM25` is the same index over token ids: the trainer retrieves with it at data-preparation time.
 """
@@ -23,6 +24,8 @@ N_SPECIAL = 5  # ids 0..4 of models trained here: <unk> <s> </s> <pad> <ref>
 RETRIEVERS = ("hybrid", "lexical", "dense")
 RRF_K = 5  # measured: 5 beat 20 and 60 on both held-out sets (see README)
 POOL = 40  # candidates each retriever brings to the fusion
+MIN_COSINE = 0.25  # hybrid keeps a reference whose embedding is at least this similar to the question's...
+LEX_SHARE = 0.3  # ...or whose BM25 score is at least this share of the best one
 
 
 def check_retriever(name: str) -> str:
@@ -79,6 +82,17 @@ def bank_embedder(bank):
     return e
 
 
+def relevant(fused: list[tuple[int, float]], lex: list[tuple[int, float]],
+             dense: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The fused references that either search found relevant in itself: a sentence similarity of at least
+    MIN_COSINE, or a BM25 score of at least LEX_SHARE of the best one. Rank fusion alone would hand a small
+    model every reference of a small bank, related or not, and unrelated notes derail its answers."""
+    cos = dict(dense)
+    bm = dict(lex)
+    best = max(bm.values(), default=0.0)
+    return [(i, s) for i, s in fused if cos.get(i, -1.0) >= MIN_COSINE or (best > 0 and bm.get(i, 0.0) >= LEX_SHARE * best)]
+
+
 def fuse(rankings: Sequence[Sequence[int]], k: int) -> list[tuple[int, float]]:
     """Reciprocal-rank fusion: the best `k` of the ids in `rankings` (each best first) as (id, score)."""
     score: dict[int, float] = {}
@@ -127,7 +141,7 @@ class Retriever:
             return lex[:k]
         if self.kind == "dense":
             return dense[:k]
-        return fuse([[i for i, _ in lex], [i for i, _ in dense]], k)
+        return relevant(fuse([[i for i, _ in lex], [i for i, _ in dense]], len(lex) + len(dense)), lex, dense)[:k]
 
 
 class MemoryCache:

@@ -50,7 +50,7 @@ def test_info_and_search(built):
     assert info["fingerprint"] == m3lite.load(model).fingerprint
     assert info["compression_vs_fp32_kv_all_layers"] > 1
     hits = json.loads(run("bank", "search", bank, "Mount Etna volcano lava", "--model", model, "--json",
-                          "--k", "2").stdout)
+                          "--k", "2", "--retriever", "dense").stdout)  # dense: the nearest, related or not
     assert len(hits) == 2 and "volcano" in hits[0]["doc_id"]
     assert hits[0]["score"] >= hits[1]["score"]
 

@@ -21,13 +21,13 @@ def _quit(p) -> None:
 
 def test_answer_streams_with_sources_and_mode_none(chat_model, tmp_path):
     model, bank = chat_model
-    p = spawn_chat("--model", model, "--bank", bank, cache=tmp_path)
+    p = spawn_chat("--model", model, "--bank", bank, "-n", "64", cache=tmp_path)  # two turns fit the context
     assert "mode memory" in p.before and "3 references" in p.before
     out = ask(p, Q1)
     head, _, sources = out.partition("Sources:\n")
     assert sources, out
     refs = re.findall(r"\[(\d)\] (.+) \((\S+), score [\d.]+, ([\d.]+)% of the attention\)", sources)
-    assert [r[0] for r in refs] == ["1", "2", "3"] and "volcano.md" in refs[0][2]
+    assert [r[0] for r in refs][:1] == ["1"] and "volcano.md" in refs[0][2]  # hybrid: only related notes
     assert "Mount Etna is an active volcano" in sources  # the snippet of the memory
     assert 0 < sum(float(r[3]) for r in refs) <= 100
     assert "mode none" in ask(p, "/mode none")

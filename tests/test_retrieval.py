@@ -86,6 +86,16 @@ def test_dense_finds_a_paraphrase_that_shares_no_word(built):
     assert titles(model, bank, q, "hybrid", k=2)[0] == "Mona Lisa"
 
 
+def test_hybrid_hands_on_only_what_one_search_found_relevant(built):
+    """Rank fusion alone would return every note of a small bank; hybrid keeps those similar enough to the
+    question (embedding) or scoring near the best BM25 match, so unrelated notes do not reach the model."""
+    model, bank, _ = built
+    q = "What is the boiling point of mercury?"
+    assert len(titles(model, bank, q, "dense", k=5)) == 5  # the nearest vectors, related or not
+    assert titles(model, bank, q, "hybrid", k=5) == []
+    assert titles(model, bank, "When did Zorblax last erupt?", "hybrid", k=5) == ["Zorblax"]
+
+
 @pytest.mark.parametrize("retriever", ["lexical", "hybrid"])
 def test_the_template_and_system_prompt_cannot_change_what_is_retrieved(built, retriever):
     model, bank, _ = built

@@ -174,7 +174,7 @@ def test_completions_match_the_library(server, chat_model):
 
 def test_bank_search(server):
     url, _ = server
-    out = post(url, "/v1/banks/search", {"query": "Mount Etna volcano lava", "k": 2})
+    out = post(url, "/v1/banks/search", {"query": "Mount Etna volcano lava", "k": 2, "retriever": "dense"})
     assert len(out["data"]) == 2 and "volcano" in out["data"][0]["doc_id"]
     assert out["data"][0]["score"] >= out["data"][1]["score"] and "Etna" in out["data"][0]["text"]
     for r in ("dense", "lexical", "hybrid"):
