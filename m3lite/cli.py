@@ -155,6 +155,11 @@ def import_(
     weights: str = typer.Option("int8", "--weights", help="int8 (Q8_0 blocks, the fastest to decode; float16 "
                                 "weights are kept beside them for onnxruntime), fp16 or fp32."),
     force: bool = typer.Option(False, "--force", help="Replace an existing folder at --out."),
+    memory_layers: Optional[str] = typer.Option(None, "--memory-layers", help="Layers that attend to explicit "
+                                                "memories: half (default: the first half, as the paper), all, or "
+                                                "a comma list like 0,1,2."),
+    memory_tokens: Optional[str] = typer.Option(None, "--memory-tokens", help="Tokens kept per KV head of each "
+                                                "reference: a number (default 8, as the paper) or all."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Import a pretrained Llama-family checkpoint (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama, Mistral) with its own
@@ -162,7 +167,8 @@ def import_(
     from .importers import import_model
 
     with _progress_bar(f"importing {src.name}", quiet=as_json) as update:
-        d = import_model(src, out, weights=weights, force=force, progress=lambda done, total: update(done, total))
+        d = import_model(src, out, weights=weights, force=force, progress=lambda done, total: update(done, total),
+                         memory_layers=memory_layers, memory_tokens=memory_tokens)
     if as_json:
         _echo_json(d)
         return
@@ -556,6 +562,7 @@ def eval_(
     retriever: str = typer.Option("hybrid", "--retriever", "-r", help="What the modes retrieve with: "
                                   + RETRIEVER_HELP),
     recall_only: bool = typer.Option(False, "--recall-only", help="Measure retrieval only (no answers)."),
+    modes: str = typer.Option("none,memory,rag", "--modes", help="The modes to answer in, comma separated."),
     max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Most tokens in an answer."),
     report: Optional[Path] = typer.Option(None, "--report",
                                           help="Also write the table to FILE.md and a bar chart to FILE.png."),
@@ -574,7 +581,8 @@ def eval_(
     b = open_bank(bank, m)
     with _progress_bar("evaluating", quiet=as_json) as progress:
         res = evaluate(m, b, limit=limit, max_tokens=max_tokens, progress=progress, warn=_warn, qa=qa,
-                       retriever=retriever, recall_only=recall_only)
+                       retriever=retriever, recall_only=recall_only,
+                       modes=[x.strip() for x in modes.split(",") if x.strip()])
     if report is not None:
         md, png = write_report(res, report)
         res["report"] = {"markdown": str(md), "chart": str(png)}

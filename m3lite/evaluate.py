@@ -233,16 +233,19 @@ def read_qa(path: str | Path, bank) -> list[EvalItem]:
 def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, lang: str = "en",
              progress: Callable[[int, int, str], None] | None = None,
              warn: Callable[[str], None] | None = None, qa: str | Path | None = None,
-             retriever: str = "hybrid", recall_only: bool = False) -> dict:
+             retriever: str = "hybrid", recall_only: bool = False, modes: Sequence[str] = MODES) -> dict:
     """Run the evaluation (see the module's docstring) of `model` with `bank` (an open Bank built by this
     model): on the held-out articles, or on the questions of the QA file `qa`; the modes retrieve with
-    `retriever`; `recall_only` measures retrieval alone. `progress(done, total, what)` is called after each
+    `retriever`; `recall_only` measures retrieval alone; `modes` answers in those modes only. `progress(done, total, what)` is called after each
     question and each summary. Returns the results as a JSON-ready dict (fractions in [0, 1], times in ms; None
     where there is nothing to measure)."""
     from .memory import MemorySession
     from .retrieval import RETRIEVERS, check_retriever
 
     check_retriever(retriever)
+    if not modes or any(m not in MODES for m in modes):
+        raise BadArgument(f"--modes must be some of {', '.join(MODES)}, got {', '.join(modes) or 'none'}")
+    modes = [m for m in MODES if m in set(modes)]
     if bank.fingerprint != model.fingerprint:
         from .bank import FingerprintError
 
@@ -276,7 +279,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
                          retriever=search[retriever].search)
 
     if not recall_only:
-        for mode in MODES:  # untimed: the first call of a mode pays one-time costs (compiled code, page faults)
+        for mode in modes:  # untimed: the first call of a mode pays one-time costs (compiled code, page faults)
             answer(items[0].question, mode, 2)
     per_mode = {m: {"em": [], "f1": [], "contains": [], "ttft": [], "tps": []} for m in MODES}
     examples: list[dict] = []
@@ -289,7 +292,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
                 recall[r] += hit((i for i, _ in found), it.references)
         if not recall_only:
             answers = {}
-            for mode in MODES:
+            for mode in modes:
                 text = answer(it.question, mode, max_tokens)
                 r = model.last_result
                 answers[mode] = text.strip()
@@ -307,7 +310,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
 
     nll = {"none": 0.0, "memory": 0.0}
     n_tokens = n_summaries = 0
-    if not recall_only and articles:
+    if not recall_only and articles and {"none", "memory"} <= set(modes):
         memory = MemorySession(model, bank, mode="memory", retriever=search[retriever].search)
         for art in articles:
             ids = tok.encode(art.extract, bos=True)[:cfg.max_seq_len]
@@ -322,11 +325,11 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
     def rnd(x, nd=4):
         return None if x is None else round(x, nd)
 
-    modes = {}
+    results = {}
     if not recall_only:
-        for mode in MODES:
+        for mode in modes:
             acc = per_mode[mode]
-            modes[mode] = {"exact_match": rnd(float(np.mean(acc["em"]))), "f1": rnd(float(np.mean(acc["f1"]))),
+            results[mode] = {"exact_match": rnd(float(np.mean(acc["em"]))), "f1": rnd(float(np.mean(acc["f1"]))),
                            "contains": rnd(float(np.mean(acc["contains"]))),
                            "ttft_ms": rnd(_median(acc["ttft"]), 3), "decode_tokens_per_s": rnd(_median(acc["tps"]), 2)}
     return {
@@ -334,7 +337,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
         "questions_from": str(qa) if qa is not None else f"wiki:{lang}:heldout", "lang": lang,
         "articles": len(articles), "questions": n_questions, "max_tokens": max_tokens, "retriever": retriever,
         "bank_references": bank.live_count,
-        "modes": modes,
+        "modes": results,
         "recall_at_5": {r: rnd(n / len(with_gold)) if with_gold else None for r, n in recall.items()},
         "retrieval_ms_p50": {r: rnd(_median(v), 3) for r, v in latency.items()},
         "perplexity": {"none": rnd(perplexity(nll["none"], n_tokens)),
@@ -365,7 +368,7 @@ def markdown_table(res: dict) -> str:
                   if pp.get("tokens") else ""), "",
                   "| mode | EM % | F1 % | contains % | TTFT ms | decode tok/s | perplexity |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
-        for name in MODES:
+        for name in (x for x in MODES if x in m):
             d = m[name]
             lines.append(f"| {name} | {_fmt(d['exact_match'], 100)} | {_fmt(d['f1'], 100)} | "
                          f"{_fmt(d.get('contains'), 100)} | {_fmt(d['ttft_ms'])} | {_fmt(d['decode_tokens_per_s'])} "
@@ -398,13 +401,13 @@ def chart_png(res: dict) -> bytes:
 
     panels = []
     if m:
-        panels += [("EM %", [(k, pct(m[k]["exact_match"])) for k in MODES]),
-                   ("F1 %", [(k, pct(m[k]["f1"])) for k in MODES]),
-                   ("contains %", [(k, pct(m[k].get("contains"))) for k in MODES])]
+        panels += [("EM %", [(k, pct(m[k]["exact_match"])) for k in m]),
+                   ("F1 %", [(k, pct(m[k]["f1"])) for k in m]),
+                   ("contains %", [(k, pct(m[k].get("contains"))) for k in m])]
     panels.append(("top-5 recall %", [(r, pct(v)) for r, v in rc.items()]))
     if m:
-        panels += [("TTFT ms", [(k, m[k]["ttft_ms"]) for k in MODES]),
-                   ("decode tok/s", [(k, m[k]["decode_tokens_per_s"]) for k in MODES])]
+        panels += [("TTFT ms", [(k, m[k]["ttft_ms"]) for k in m]),
+                   ("decode tok/s", [(k, m[k]["decode_tokens_per_s"]) for k in m])]
     if pp.get("tokens"):
         panels.append(("perplexity", [("none", pp["none"]), ("memory", pp["memory"])]))
     return bar_chart(panels)

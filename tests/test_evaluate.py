@@ -239,6 +239,11 @@ def test_eval_qa_file_json_and_bad_lines(evalbank, tmp_path):
     only = json.loads(run("eval", "--model", model_dir, "--bank", bank_dir, "--qa", qa, "--recall-only",
                           "--json").stdout)
     assert only["modes"] == {} and only["recall_at_5"] == res["recall_at_5"]
+    mem = json.loads(run("eval", "--model", model_dir, "--bank", bank_dir, "--qa", qa, "--modes", "memory",
+                         "--max-tokens", 2, "--json").stdout)
+    assert set(mem["modes"]) == {"memory"}
+    assert "--modes" in one_line_error(run("eval", "--model", model_dir, "--bank", bank_dir, "--qa", qa,
+                                           "--modes", "memory,telepathy", check=False))
     for bad, line in (("{not json", 2), ('{"question": "x"}', 2), ('[1, 2]', 2)):
         qa.write_text(json.dumps(lines[0]) + "\n" + bad + "\n")
         p = run("eval", "--model", model_dir, "--bank", bank_dir, "--qa", qa, check=False)

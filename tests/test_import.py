@@ -83,6 +83,28 @@ def test_cli_import_json_and_tokenizer_round_trip(tmp_path):
     run("import", src, "--out", tmp_path / "m", "--force", "--json")
 
 
+def test_memory_settings_at_import_and_a_bank_of_other_settings_is_refused(tmp_path):
+    src = tmp_path / "m.gguf"
+    write_gguf(src, "F32")
+    d = json.loads(run("import", src, "--out", tmp_path / "all", "--memory-layers", "all", "--memory-tokens", "all",
+                       "--json").stdout)
+    assert d["memory_layers"] == [0, 1] and d["memory_tokens_per_head"] == m3lite.load(d["model"]).config.reference_max_tokens
+    half = json.loads(run("import", src, "--out", tmp_path / "half", "--json").stdout)
+    assert half["memory_layers"] == [0] and half["memory_tokens_per_head"] == 8  # the paper's settings by default
+    assert half["fingerprint"] != d["fingerprint"]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.md").write_text("The Zorblax volcano last erupted in 1874.")
+    run("bank", "build", notes, "--out", tmp_path / "bank", "--model", tmp_path / "half")
+    info = json.loads(run("bank", "info", tmp_path / "bank", "--json").stdout)
+    assert info["memory_shape"]["n_memory_layers"] == 1 and info["memory_shape"]["tokens_per_head"] == 8
+    err = one_line_error(run("ask", "When?", "--model", tmp_path / "all", "--bank", tmp_path / "bank", check=False))
+    assert "rebuild" in err
+    for bad in (("--memory-layers", "seven"), ("--memory-layers", "0,9"), ("--memory-tokens", "many")):
+        one_line_error(run("import", src, "--out", tmp_path / "bad", *bad, check=False))
+    assert not (tmp_path / "bad").exists()
+
+
 def _refused(tmp_path, src, words):
     out = tmp_path / "out"
     err = one_line_error(run("import", src, "--out", out, check=False))

@@ -44,10 +44,39 @@ def read_checkpoint(src: str | os.PathLike) -> Checkpoint:
     return read_gguf(p)
 
 
+def memory_settings(cfg, layers: str | None = None, tokens: str | int | None = None):
+    """`cfg` with explicit-memory settings from the command line: `layers` "half" (the first half, the paper's),
+    "all", or a comma list of layer indices; `tokens` the tokens kept per KV head, or "all" (a whole reference)."""
+    from dataclasses import replace
+
+    if layers is not None:
+        if layers == "half":
+            cfg = replace(cfg, memory_layers=None)
+        elif layers == "all":
+            cfg = replace(cfg, memory_layers=list(range(cfg.n_layers)))
+        else:
+            try:
+                ids = [int(x) for x in str(layers).split(",") if x.strip()]
+            except ValueError:
+                raise BadArgument(f"--memory-layers {layers!r}: give half, all or layer numbers like 0,1,2") from None
+            cfg = replace(cfg, memory_layers=ids)
+    if tokens is not None:
+        n = cfg.reference_max_tokens if str(tokens) == "all" else tokens
+        try:
+            n = int(n)
+        except ValueError:
+            raise BadArgument(f"--memory-tokens {tokens!r}: give a number of tokens per KV head, or all") from None
+        cfg = replace(cfg, memory_tokens_per_head=min(n, cfg.reference_max_tokens))
+    cfg.validate()
+    return cfg
+
+
 def import_model(src: str | os.PathLike, out: str | os.PathLike, weights: str = "int8", force: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[int, int], None] | None = None, memory_layers: str | None = None,
+                 memory_tokens: str | int | None = None) -> dict[str, Any]:
     """Import `src` into the model directory `out`; returns what was written. `progress(done, total)` is called
-    with bytes of float32 weights converted so far."""
+    with bytes of float32 weights converted so far. `memory_layers` and `memory_tokens` set the explicit-memory
+    settings (see `memory_settings`; default: the first half of the layers, 8 tokens per KV head)."""
     if weights not in IMPORT_WEIGHTS:
         raise BadArgument(f"unknown weights {weights!r}; choose one of {', '.join(IMPORT_WEIGHTS)}")
     t0 = time.perf_counter()
@@ -55,7 +84,7 @@ def import_model(src: str | os.PathLike, out: str | os.PathLike, weights: str = 
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
         raise BadArgument(f"{out} already exists; choose a new folder or pass --force to replace it")
     ck = read_checkpoint(src)
-    cfg = ck.config
+    cfg = memory_settings(ck.config, memory_layers, memory_tokens)
     from ..tokenizer import load_tokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +125,8 @@ def import_model(src: str | os.PathLike, out: str | os.PathLike, weights: str = 
         raise
     return {"model": str(out), "fingerprint": fp, "weights": weights, "params": cfg.n_params(),
             "source": str(src), "layers": cfg.n_layers, "vocab": cfg.vocab_size,
-            "chat_template": ck.chat_template is not None, "seconds": round(time.perf_counter() - t0, 2)}
+            "chat_template": ck.chat_template is not None, "memory_layers": cfg.memory_layer_ids,
+            "memory_tokens_per_head": cfg.memory_tokens_per_head, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def remove_stale(folder: Path, prefix: str) -> None:
