@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .bank import Bank
 from .errors import BadArgument, BusyError, M3Error
 from .generate import GenerationResult, SamplingParams, stream as _stream
 from .chat_template import rag_context, with_references
@@ -375,7 +376,7 @@ class Chat:
             raise ChatFileError(f"{p} was saved with another model (fingerprint {meta.get('model')}, this model is "
                                 f"{model.fingerprint}): load it with that model")
         if bank is None and meta.get("bank"):
-            if not (Path(meta["bank"]) / "manifest.json").exists():
+            if not Bank.exists(meta["bank"]):
                 raise ChatFileError(f"{p} was saved with the bank {meta['bank']}, which is gone: give another "
                                     f"bank (/bank PATH, Chat.load(..., bank=...))")
             bank = meta["bank"]

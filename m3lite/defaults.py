@@ -60,11 +60,12 @@ def ensure_default_bank(model, progress=None, warn=print) -> Path:
     """The default bank of `model`: built on first use (resumable, with `progress`), then opened as it is.
 
     A marker beside the bank records a finished build, so later starts do not re-read the sources."""
+    from .bank import Bank
     from .memory import build_or_add
 
     path = default_bank_dir(model)
     done = path.with_name(path.name + ".complete")
-    if done.is_file() and (path / "manifest.json").is_file():
+    if done.is_file() and Bank.exists(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     build_or_add(model, path, default_sources(), warn=warn, progress=progress)

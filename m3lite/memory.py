@@ -36,7 +36,7 @@ def check_mode(mode: str) -> str:
 
 def open_bank(path, model) -> Bank:
     p = Path(path)
-    if not (p / "manifest.json").exists():
+    if not Bank.exists(p):
         raise BankError(f"no bank at {p}: build one with `m3lite bank build SOURCE --out {p}`")
     return Bank.open(p, fingerprint=model.fingerprint)
 
@@ -65,7 +65,7 @@ def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str
     docs = collect_documents(sources, warn)
     if not docs:
         raise BadArgument(f"no documents found in {', '.join(s if isinstance(s, str) else s.id for s in sources)}")
-    exists = (Path(bank_path) / "manifest.json").exists()
+    exists = Bank.exists(bank_path)
     if not exists and not create:
         raise BankError(f"no bank at {bank_path}: build one with `m3lite bank build SOURCE --out {bank_path}`")
     tok = model.tokenizer

@@ -23,7 +23,6 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 
 from . import __version__
 from .chat import Chat, ContextLengthError, Turn, reference_summary

@@ -399,7 +399,9 @@ def crash_child(bank_path, tok_path, log_path):
     """Run in a subprocess: add CRASH_DOCS documents with frequent commits and index saves, logging each commit."""
     from m3lite.tokenizer import Tokenizer
 
-    bank_mod.INDEX_SAVE_MIN_TAIL = 40  # save the index often: kills land inside index saves too
+    from m3lite.bank import writer
+
+    writer.INDEX_SAVE_MIN_TAIL = 40  # save the index often: kills land inside index saves too
     tok = Tokenizer(tok_path)
     b = Bank.create(bank_path, "fp-model-a", SHAPE, "int8", embed_dim=DIM, exist_ok=True)
     with open(log_path, "a") as log:

@@ -1,0 +1,668 @@
+"""`Bank`: a bank opened at one committed state; reading (memories, references, vectors, tokens), search,
+reports and verification; `add`/`remove` run through the writer."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import quant as Q
+from ..errors import BadArgument
+from ..lexical import TermIndex, read_array_file, term_ids, top
+from ..sources import Document, chunk_document
+from .format import (BankError, CHECKS, CHECK_DTYPE, DATA_FILES, DELETED, DOCS, EXACT_BELOW, FORMAT, FingerprintError,
+                     HASHED, HNSW_EF_SEARCH, LOCK, MANIFEST, MEM, MemShape, REFS, REF_DTYPE, TERMS, TEXTS, TOKENS,
+                     VECS, VERSION, _ARRAY_NAME, _INDEX_NAME, _Lock, _TMP_NAME, _atomic_write, _hash_prefix, _map,
+                     _read_manifest, _write_manifest, record_dtype)
+from .index import HnswIndex, _build_lexical, _file_ok, _normalize, _top_k
+from .writer import _Writer
+
+
+class Bank:
+    """A bank opened for reading at one committed state (`refresh()` moves to the newest); `add` and `remove`
+    take the writer lock, start from the newest state and leave the object at the state they committed."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self._index: HnswIndex | None = None
+        self._load(manifest)
+
+    # -------------------------------------------------------------------------------------- opening
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, fingerprint: str, mem_shape: Any, quant: str = "int8",
+               embed_dim: int = 0, meta: dict | None = None, exist_ok: bool = False) -> "Bank":
+        """Create an empty bank folder for a model (`fingerprint`) and memory shape
+        (n_memory_layers, n_kv_heads, tokens_per_head, head_dim). With `exist_ok`, an existing bank of the
+        same model, shape, quantization and embedding size is opened instead."""
+        p = Path(path)
+        shape = MemShape.of(mem_shape)
+        rdt = record_dtype(shape, quant)
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise BadArgument("a bank needs the model fingerprint")
+        if not isinstance(embed_dim, int) or embed_dim <= 0:
+            raise BadArgument(f"embed_dim must be a positive integer, got {embed_dim!r}")
+        meta = dict(meta or {})
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise BadArgument(f"bank meta must be JSON-serializable: {e}") from None
+        if (p / MANIFEST).exists():
+            if not exist_ok:
+                raise BankError(f"a bank already exists at {p}; open it or choose another folder")
+            b = cls.open(p, fingerprint=fingerprint)
+            if b.shape != shape or b.quant != quant or b.embed_dim != embed_dim:
+                raise BankError(f"the bank at {p} has memory shape {tuple(b.shape.as_dict().values())}, "
+                                f"{b.quant}, embedding size {b.embed_dim}; not the requested ones: use another "
+                                f"folder")
+            return b
+        if p.exists() and not p.is_dir():
+            raise BankError(f"{p} exists and is not a folder; choose another path for the bank")
+        if p.is_dir():
+            ours = set(DATA_FILES) | {LOCK}
+            foreign = [x.name for x in p.iterdir() if x.name not in ours and not _TMP_NAME.fullmatch(x.name)
+                       and not _INDEX_NAME.fullmatch(x.name) and not _ARRAY_NAME.fullmatch(x.name)]
+            if foreign:
+                raise BankError(f"{p} is not empty and not a bank (it holds {foreign[0]}); choose an empty folder")
+        p.mkdir(parents=True, exist_ok=True)
+        lock = _Lock(p)
+        try:
+            if (p / MANIFEST).exists():  # another process created it while we were checking
+                lock.release()
+                return cls.create(p, fingerprint, shape, quant, embed_dim, meta, exist_ok)
+            empty = hashlib.sha256(b"").hexdigest()
+            for name in DATA_FILES:
+                with open(p / name, "wb") as f:
+                    os.fsync(f.fileno())
+            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            m = {
+                "format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
+                "memory": dict(shape.as_dict(), quant=quant, record_bytes=rdt.itemsize, position_dtype="int16"),
+                "embed_dim": embed_dim, "count": 0, "documents": 0, "deleted_documents": 0, "generation": 0,
+                "files": {n: ({"length": 0, "sha256": empty} if n in HASHED else {"length": 0}) for n in DATA_FILES},
+                "index": None, "lexical": None, "arrays": {}, "meta": meta, "stats": {}, "created": now, "updated": now,
+            }
+            _write_manifest(p, m)
+        finally:
+            lock.release()
+        return cls(p, _read_manifest(p))
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """Whether `path` holds a bank (its manifest; whether it is sound is for `open` to say)."""
+        return (Path(path) / MANIFEST).is_file()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, fingerprint: str | None = None) -> "Bank":
+        """Open a bank at its last commit. Checks the manifest, file sizes and the cheap checksums; with a
+        `fingerprint`, refuses a bank built by another model."""
+        p = Path(path)
+        m = _read_manifest(p)
+        if fingerprint is not None and m["fingerprint"] != fingerprint:
+            raise FingerprintError(f"bank {p} was built for another model (fingerprint {m['fingerprint']}, this "
+                                   f"model is {fingerprint}): rebuild the bank with this model")
+        return cls(p, m)
+
+    def refresh(self) -> bool:
+        """Move to the newest committed state; True if it changed."""
+        m = _read_manifest(self.path)
+        if m == self.manifest:
+            return False
+        self._load(m)
+        return True
+
+    def _load(self, m: dict, state: tuple[list[dict], list[int]] | None = None) -> None:
+        """Map the committed state of manifest `m`. `state` (documents, deleted document indices) comes from
+        the writer that just committed `m`: then docs.jsonl is not parsed again nor the cheap checksums redone."""
+        p = self.path
+        self.manifest = m
+        self.fingerprint: str = m["fingerprint"]
+        mem = m["memory"]
+        self.shape = MemShape.of({k: mem[k] for k in ("n_memory_layers", "n_kv_heads", "tokens_per_head",
+                                                       "head_dim")})
+        self.quant: str = mem["quant"]
+        self.rec_dtype = record_dtype(self.shape, self.quant)
+        self.embed_dim: int = m["embed_dim"]
+        self.count: int = m["count"]
+        self.generation: int = m["generation"]
+        files = m["files"]
+        for name in DATA_FILES:
+            fp = p / name
+            if not fp.is_file():
+                raise BankError(f"bank file {fp} is missing; the bank is damaged: rebuild it")
+            size = fp.stat().st_size
+            if size < files[name]["length"]:
+                raise BankError(f"bank file {fp} is truncated ({size} bytes, {files[name]['length']} committed); "
+                                f"the bank is damaged: rebuild it")
+        if state is None:
+            for name in HASHED:
+                if _hash_prefix(p / name, files[name]["length"]).hexdigest() != files[name]["sha256"]:
+                    raise BankError(f"bank file {p / name} does not match the checksum in {MANIFEST}; the bank is "
+                                    f"damaged: rebuild it")
+            self.docs = self._read_docs(files[DOCS]["length"], m["documents"])
+            deleted = np.fromfile(p / DELETED, dtype="<u4", count=m["deleted_documents"]) \
+                if m["deleted_documents"] else np.zeros(0, "<u4")
+        else:
+            self.docs = list(state[0])
+            deleted = np.array(state[1], "<u4")
+        n = self.count
+        self._mem = _map(p / MEM, self.rec_dtype, n)
+        self._refs = _map(p / REFS, REF_DTYPE, n)
+        self._vecs = _map(p / VECS, "<f4", n, (self.embed_dim,))
+        self._texts = _map(p / TEXTS, np.uint8, files[TEXTS]["length"])
+        self._tokens = _map(p / TOKENS, "<u4", files[TOKENS]["length"] // 4)
+        self._terms = _map(p / TERMS, "<u8", files[TERMS]["length"] // 8)
+        self._checks = _map(p / CHECKS, CHECK_DTYPE, n)
+        self._lexical: TermIndex | None = None  # BM25 over the references' words, loaded on the first text search
+        self._vectors_checked = 0  # vectors [0, this) passed their crc32 (brute-force search reads them all)
+        if len(deleted) and (int(deleted.max()) >= len(self.docs) or len(np.unique(deleted)) != len(deleted)):
+            raise BankError(f"bank file {p / DELETED} names unknown documents; the bank is damaged: rebuild it")
+        self._deleted_docs = deleted.astype(np.int64)
+        self._dead = np.zeros(n, bool)
+        for d in self._deleted_docs:
+            doc = self.docs[int(d)]
+            self._dead[doc["first"]:doc["first"] + doc["count"]] = True
+        self._index = None
+        self._index_info = m.get("index")
+
+    def _read_docs(self, length: int, n_docs: int) -> list[dict]:
+        fp = self.path / DOCS
+        docs: list[dict] = []
+        with open(fp, "rb") as f:
+            data = f.read(length)
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        bad = BankError(f"bank file {fp} is malformed; the bank is damaged: rebuild it")
+        expect = 0
+        for line in lines:
+            try:
+                d = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise bad from None
+            if not (isinstance(d, dict) and all(isinstance(d.get(k), str) for k in ("id", "title", "source", "sha256"))
+                    and isinstance(d.get("first"), int) and isinstance(d.get("count"), int)
+                    and d["first"] == expect and d["count"] >= 0):
+                raise bad
+            expect += d["count"]
+            docs.append(d)
+        if len(docs) != n_docs or expect != self.manifest["count"]:
+            raise bad
+        return docs
+
+    def close(self) -> None:
+        """Drop the maps and the index (the object is unusable afterwards)."""
+        self._mem = self._refs = self._vecs = self._texts = None  # type: ignore[assignment]
+        self._index = None
+
+    def __enter__(self) -> "Bank":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------------------- reading
+
+    @property
+    def live_count(self) -> int:
+        return int(self.count - self._dead.sum())
+
+    def live_hashes(self) -> set[str]:
+        """Content hashes of the documents in the bank (removed ones excluded)."""
+        dead = set(self._deleted_docs.tolist())
+        return {d["sha256"] for i, d in enumerate(self.docs) if i not in dead}
+
+    def is_deleted(self, i: int) -> bool:
+        return bool(self._dead[i])
+
+    def _check_ids(self, ids: Any) -> np.ndarray:
+        a = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if a.size and (a.min() < 0 or a.max() >= self.count):
+            raise BadArgument(f"reference ids must be in [0, {self.count}), got {a.min()}..{a.max()}")
+        return a
+
+    def _damaged(self, i: int, what: str) -> BankError:
+        d = int(self._refs[i]["doc"])
+        doc = f" (document {self.docs[d]['id']!r})" if d < len(self.docs) else ""
+        return BankError(f"bank {self.path}: the {what} of reference {i}{doc} does not match its checksum; run "
+                         f"`m3lite bank verify {self.path}`")
+
+    def _check(self, i: int, what: str, data: Any) -> None:
+        """Raise BankError unless `data` (the bytes of reference i's `what`) matches its crc32 in checks.bin."""
+        if zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B")) != int(self._checks[what][i]):
+            raise self._damaged(i, what)
+
+    def memories(self, ids: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Dequantized memories of references: keys and values [k, Lm, n_kv, T, hd] float32, positions
+        [k, Lm, n_kv, T] int32 and valid-token counts [k, Lm, n_kv] int32 (slots past the count are zero).
+        Each record is checked against its crc32 (BankError naming it if damaged)."""
+        a = self._check_ids(ids)
+        rec = self._mem[a] if a.size else np.zeros(0, self.rec_dtype)
+        for i in a.tolist():  # on the mapped bytes: a copy of a padded record need not copy its padding
+            self._check(i, "memory", self._mem[i:i + 1])
+        if Q.has_scales(self.quant):
+            k = Q.dequantize((rec["k"], rec["k_scale"]), self.quant)
+            v = Q.dequantize((rec["v"], rec["v_scale"]), self.quant)
+        else:
+            k = Q.dequantize((rec["k"], None), self.quant)
+            v = Q.dequantize((rec["v"], None), self.quant)
+        return (np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32),
+                rec["pos"].astype(np.int32), rec["count"].astype(np.int32))
+
+    def reference(self, i: int) -> dict[str, Any]:
+        """A reference's text and provenance."""
+        i = int(self._check_ids([i])[0])
+        r = self._refs[i]
+        off, n = int(r["text_offset"]), int(r["text_length"])
+        doc = self.docs[int(r["doc"])]
+        text = bytes(self._texts[off:off + n])
+        self._check(i, "text", text)
+        return {"id": i, "doc_id": doc["id"], "title": doc["title"], "source": doc["source"],
+                "text": text.decode("utf-8", "replace"),
+                "char_start": int(r["char_start"]), "char_end": int(r["char_end"]),
+                "n_tokens": int(r["n_tokens"]), "deleted": bool(self._dead[i])}
+
+    def vectors(self, ids: Any) -> np.ndarray:
+        """Stored unit embedding vectors of references (each checked against its crc32)."""
+        a = self._check_ids(ids)
+        v = np.asarray(self._vecs[a], np.float32)
+        for j, i in enumerate(a.tolist()):
+            self._check(i, "vector", v[j])
+        return v
+
+    def tokens(self, i: int) -> np.ndarray:
+        """A reference's token ids (<ref> first), checked against its crc32."""
+        i = int(self._check_ids([i])[0])
+        n = self._refs["n_tokens"].astype(np.int64)
+        start = int(n[:i].sum())
+        t = np.array(self._tokens[start:start + int(n[i])], np.uint32)
+        self._check(i, "tokens", t)
+        return t
+
+    def _checked_vectors(self, hi: int) -> None:
+        """Check the crc32 of the live vectors below `hi` not checked yet (brute-force search reads them)."""
+        for s in range(self._vectors_checked, hi, 1 << 14):
+            e = min(hi, s + (1 << 14))
+            rows = np.asarray(self._vecs[s:e])
+            for i in np.flatnonzero(~self._dead[s:e]).tolist():
+                self._check(s + i, "vector", rows[i])
+        self._vectors_checked = max(self._vectors_checked, hi)
+
+    def array_names(self) -> list[str]:
+        return sorted(self.manifest.get("arrays", {}))
+
+    def get_array(self, name: str) -> np.ndarray | None:
+        """A named array stored with `put_array` (e.g. the embedder's IDF weights), or None."""
+        info = self.manifest.get("arrays", {}).get(name)
+        if info is None:
+            return None
+        fp = self.path / info["file"]
+        if not fp.is_file() and self.refresh():  # replaced by a writer after we read our manifest
+            return self.get_array(name)
+        if not _file_ok(fp, info):
+            raise BankError(f"bank file {fp} is missing or does not match its checksum; the bank is damaged: "
+                            f"store the array {name!r} again or rebuild the bank")
+        try:
+            return np.load(fp, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise BankError(f"bank file {fp} is unreadable ({e}); store the array {name!r} again") from None
+
+    def put_array(self, name: str, array: Any) -> None:
+        """Store a numeric array under `name` (lowercase letters, digits, _) in one atomic commit."""
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9_]{1,32}", name):
+            raise BadArgument(f"array name {name!r}: use 1-32 lowercase letters, digits or _")
+        a = np.asarray(array)
+        if a.dtype.kind not in "biuf":
+            raise BadArgument(f"array {name!r} must be numeric (bool, integer or float), got {a.dtype}")
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+        data = buf.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
+        with self._writer() as w:
+            fname = f"array.{name}.{sha[:16]}.npy"
+            _atomic_write(self.path / fname, data)
+            w.arrays[name] = {"file": fname, "bytes": len(data), "sha256": sha}
+            w.dirty = True
+            w.commit(final=True, stats={}, save_index=False)
+
+    def _exact(self, v: np.ndarray, k: int, lo: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        self._checked_vectors(self.count)
+        ids_all: list[np.ndarray] = []
+        sc_all: list[np.ndarray] = []
+        step = 1 << 16
+        for s in range(lo, self.count, step):
+            e = min(self.count, s + step)
+            sc = np.asarray(self._vecs[s:e]) @ v
+            live = ~self._dead[s:e]
+            ids = np.arange(s, e)[live]
+            ids, sc = _top_k(ids, sc[live], k)
+            ids_all.append(ids)
+            sc_all.append(sc)
+        if not ids_all:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return _top_k(np.concatenate(ids_all), np.concatenate(sc_all), k)
+
+    def _reader_index(self) -> HnswIndex | None:
+        if self._index is not None:
+            return self._index
+        info = self._index_info
+        if not info:
+            return None
+        fp = self.path / info["file"]
+        if not fp.is_file():
+            # a writer replaced it after we read our manifest: move to the newest state
+            if self.refresh():
+                return self._reader_index()
+            raise BankError(f"index file {fp} is missing; repair it with `m3lite bank verify BANK --repair`")
+        if not _file_ok(fp, info):
+            raise BankError(f"index file {fp} does not match its checksum; repair it with "
+                            f"`m3lite bank verify BANK --repair`")
+        try:
+            ix = HnswIndex.load(fp, self.embed_dim, 0, info["M"], info["ef_construction"])
+        except (RuntimeError, MemoryError, ValueError) as e:
+            raise BankError(f"index file {fp} is unreadable ({str(e).splitlines()[0] if str(e) else e!r}); "
+                            f"repair it with `m3lite bank verify BANK --repair`") from None
+        if ix.count != info["count"]:
+            raise BankError(f"index file {fp} holds {ix.count} vectors, the manifest says {info['count']}; "
+                            f"repair it with `m3lite bank verify BANK --repair`")
+        ix.mark_deleted(self._labels_of_docs(self._deleted_docs[info["deleted"]:], below=info["count"]))
+        self._index = ix
+        return ix
+
+    def _labels_of_docs(self, doc_ids: Iterable[int], below: int) -> list[int]:
+        out: list[int] = []
+        for d in doc_ids:
+            doc = self.docs[int(d)]
+            out.extend(range(doc["first"], min(doc["first"] + doc["count"], below)))
+        return out
+
+    def search(self, vector: Any, k: int = 5, exact: bool | None = None,
+               ef: int = HNSW_EF_SEARCH) -> tuple[np.ndarray, np.ndarray]:
+        """The k live references most similar (cosine) to `vector`: ids int64 and scores float32, best first.
+
+        Brute force when `exact` or when the bank has fewer than EXACT_BELOW live references (or no index);
+        otherwise HNSW over the indexed references plus brute force over the references added since."""
+        v = np.asarray(vector, np.float32).reshape(-1)
+        if v.shape[0] != self.embed_dim:
+            raise BadArgument(f"query vector has {v.shape[0]} values; this bank's embeddings have {self.embed_dim}")
+        if not isinstance(k, (int, np.integer)) or k <= 0:
+            raise BadArgument(f"k must be a positive integer, got {k!r}")
+        v = _normalize(v)
+        if exact is None:
+            exact = self.live_count < EXACT_BELOW
+        ix = None if exact else self._reader_index()
+        if ix is None:
+            return self._exact(v, int(k))
+        n_ix = self._index_info["count"]
+        live_ix = n_ix - int(self._dead[:n_ix].sum())
+        kk = min(int(k), live_ix)
+        ids, sc = ix.search(v, kk, ef) if kk else (np.zeros(0, np.int64), np.zeros(0, np.float32))
+        if len(ids) < kk:  # hnswlib gave up (too many deletions for this ef): brute force is always right
+            return self._exact(v, int(k))
+        tid, tsc = self._exact(v, int(k), lo=n_ix)
+        return _top_k(np.concatenate([ids, tid]), np.concatenate([sc, tsc]), int(k))
+
+    def lexical_search(self, text: str, k: int = 5, skip: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """The k live references with the best BM25 score for the words of `text` (exact, over every committed
+        reference; see m3lite.lexical), leaving out the reference ids in `skip`: ids int64 and scores float32,
+        best first; references scoring 0 are not returned."""
+        if not isinstance(k, (int, np.integer)) or k <= 0:
+            raise BadArgument(f"k must be a positive integer, got {k!r}")
+        ix = self._lexical_index()
+        sc = ix.scores(term_ids(text)) if self.count else np.zeros(0)
+        out = self._dead.copy()
+        out[[int(i) for i in skip if 0 <= int(i) < self.count]] = True
+        return top(sc, int(k), out)
+
+    def _lexical_index(self) -> TermIndex:
+        """The stored BM25 index (checked against its sha256), or, when the bank has references it does not
+        cover (an add was interrupted), one built now from the references' terms."""
+        if self._lexical is not None:
+            return self._lexical
+        info = self.manifest.get("lexical")
+        if info and info["count"] == self.count:
+            fp = self.path / info["file"]
+            if not fp.is_file() and self.refresh():
+                return self._lexical_index()
+            if not _file_ok(fp, info):
+                raise BankError(f"lexical index {fp} is missing or does not match its checksum; repair it with "
+                                f"`m3lite bank verify {self.path} --repair`")
+            try:
+                ix = TermIndex(**read_array_file(fp, info["sections"], info["bytes"]))
+                ix.check()
+                if ix.n != self.count:
+                    raise ValueError(f"it covers {ix.n} references, the manifest says {self.count}")
+            except ValueError as e:
+                raise BankError(f"lexical index {fp} is unusable ({e}); repair it with "
+                                f"`m3lite bank verify {self.path} --repair`") from None
+        else:
+            ix = _build_lexical(self.path, self.count, self._dead, self.docs)
+        self._lexical = ix
+        return ix
+
+    # -------------------------------------------------------------------------------------- reporting
+
+    def disk_bytes(self) -> int:
+        return sum(x.stat().st_size for x in self.path.iterdir() if x.is_file())
+
+    def info(self) -> dict[str, Any]:
+        """Counts, sizes, compression and identity of the bank (its committed state)."""
+        n = self.count
+        tokens = int(self._refs["n_tokens"].astype(np.int64).sum()) if n else 0
+        s = self.shape
+        rec = self.rec_dtype.itemsize
+        kv_tok = 2 * s.n_kv_heads * s.head_dim * 4  # fp32 K and V bytes of one token at one layer
+        n_layers = self.manifest.get("meta", {}).get("n_layers")
+        disk = self.disk_bytes()
+        out: dict[str, Any] = {
+            "path": str(self.path),
+            "fingerprint": self.fingerprint,
+            "references": n,
+            "live_references": self.live_count,
+            "documents": len(self.docs),
+            "deleted_documents": len(self._deleted_docs),
+            "generation": self.generation,
+            "quantization": self.quant,
+            "memory_shape": s.as_dict(),
+            "embed_dim": self.embed_dim,
+            "tokens": tokens,  # <ref> included
+            "memory_record_bytes": rec,
+            "memory_bytes": n * rec,
+            "disk_bytes": disk,
+            "bytes_per_reference": disk / n if n else 0.0,
+            "fp32_kv_bytes_memory_layers": tokens * s.n_memory_layers * kv_tok,
+            "compression_vs_fp32_kv_memory_layers": (tokens * s.n_memory_layers * kv_tok) / (n * rec) if n else 0.0,
+            "indexed_references": (self._index_info or {}).get("count", 0),
+            "stats": self.manifest.get("stats", {}),
+        }
+        if isinstance(n_layers, int) and n_layers > 0:
+            out["fp32_kv_bytes_all_layers"] = tokens * n_layers * kv_tok
+            out["compression_vs_fp32_kv_all_layers"] = (tokens * n_layers * kv_tok) / (n * rec) if n else 0.0
+        return out
+
+    def verify(self, strict: bool = True) -> dict[str, Any]:
+        """Check every committed byte: the manifest and file checksums, each live reference's memory, text,
+        tokens, terms and vector against its crc32, the reference and document tables, and both indexes.
+
+        Returns a report {"ok", "references", "documents", "damaged": [{"reference", "document", "what"}],
+        "damaged_documents": [ids to remove and add again], "problems": [lines]}; with `strict`, raises a
+        one-line BankError naming the first problem (and the documents to re-add) instead of returning a
+        failed report."""
+        p, files = self.path, self.manifest["files"]
+        problems: list[str] = []
+        damaged: list[dict] = []
+        n = self.count
+        refs = np.asarray(self._refs)
+        docs_of = refs["doc"].astype(np.int64) if n else np.zeros(0, np.int64)
+        if n and docs_of.max() >= len(self.docs):
+            problems.append("a reference names an unknown document")
+        else:
+            live = np.flatnonzero(~self._dead).tolist()
+            ntok = refs["n_tokens"].astype(np.int64)
+            tok_off = np.concatenate([[0], np.cumsum(ntok)[:-1]]) if n else ntok
+            off, ln = refs["text_offset"].astype(np.int64), refs["text_length"].astype(np.int64)
+            toff, tn = refs["terms_offset"].astype(np.int64), refs["n_terms"].astype(np.int64)
+            if n and (off[0] != 0 or np.any(off[1:] != off[:-1] + ln[:-1]) or off[-1] + ln[-1] != files[TEXTS]["length"]):
+                problems.append("reference texts do not tile texts.bin")
+            elif n and (toff[0] != 0 or np.any(toff[1:] != toff[:-1] + tn[:-1]) or 8 * (toff[-1] + tn[-1]) != files[TERMS]["length"]):
+                problems.append("reference terms do not tile terms.u64")
+            elif 4 * int(ntok.sum()) != files[TOKENS]["length"]:
+                problems.append("tokens.u32 does not hold the references' tokens")
+            else:
+                T = self.shape.tokens_per_head
+                for i in live:
+                    parts = (("memory", self._mem[i:i + 1]), ("text", self._texts[off[i]:off[i] + ln[i]]),
+                             ("tokens", self._tokens[tok_off[i]:tok_off[i] + ntok[i]]),
+                             ("terms", self._terms[toff[i]:toff[i] + tn[i]]), ("vector", self._vecs[i]))
+                    for what, data in parts:
+                        if zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B")) != int(self._checks[what][i]):
+                            damaged.append({"reference": i, "document": self.docs[int(docs_of[i])]["id"],
+                                            "what": what})
+                            break
+                    else:
+                        c = self._mem[i]["count"]
+                        if c.size and (c.min() < 0 or c.max() > T):
+                            damaged.append({"reference": i, "document": self.docs[int(docs_of[i])]["id"],
+                                            "what": "memory token count"})
+                first = np.array([d["first"] for d in self.docs], np.int64)
+                end = first + np.array([d["count"] for d in self.docs], np.int64)
+                at = np.arange(n)
+                if n and (np.any(first[docs_of] > at) or np.any(end[docs_of] <= at)):
+                    problems.append("references are not grouped by document")
+        for name in self.array_names():
+            try:
+                self.get_array(name)
+            except BankError as e:
+                problems.append(str(e))
+        for what, load in (("index", self._reader_index), ("lexical index", self._lexical_index)):
+            try:
+                if what == "index":
+                    self._index = None
+                else:
+                    self._lexical = None
+                load()
+            except BankError as e:
+                problems.append(str(e))
+        bad_docs = sorted({d["document"] for d in damaged})
+        if damaged:
+            problems.insert(0, f"{len(damaged)} damaged reference(s) in {len(bad_docs)} document(s) "
+                               f"({', '.join(repr(d) for d in bad_docs[:5])}{', ...' if len(bad_docs) > 5 else ''}): "
+                               f"remove them with `m3lite bank remove {p} --source ID` and add them again")
+        report = {"ok": not problems, "references": n, "documents": len(self.docs), "damaged": damaged,
+                  "damaged_documents": bad_docs, "problems": problems,
+                  "indexed": (self._index_info or {}).get("count", 0),
+                  "bytes_checked": sum(files[x]["length"] for x in DATA_FILES)}
+        if strict and problems:
+            raise BankError(f"bank {p} failed verification: {problems[0]}")
+        return report
+
+    # -------------------------------------------------------------------------------------- writing
+
+    @contextmanager
+    def _writer(self):
+        lock = _Lock(self.path)
+        try:
+            m = _read_manifest(self.path)
+            if m["fingerprint"] != self.fingerprint:
+                raise FingerprintError(f"bank {self.path} was rebuilt for another model (fingerprint "
+                                       f"{m['fingerprint']}, expected {self.fingerprint}); reopen it")
+            self._load(m)
+            w = _Writer(self)
+            try:
+                yield w
+            finally:
+                w.close()
+        finally:
+            lock.release()
+
+    def add(self, documents: Iterable[Document], encode_fn: Callable, embed_fn: Callable, tokenizer: Any,
+            max_tokens: int = 128, batch: int = 64, commit_every: int = 256, commit_seconds: float = 5.0,
+            progress: Callable[[dict], None] | None = None,
+            chunker: Callable[[Document], list] | None = None) -> dict[str, Any]:
+        """Chunk documents into references, encode and embed them, and append them to the bank.
+
+        `encode_fn(list of token-id lists, <ref> first)` returns keys and values [B, Lm, n_kv, T, hd] float32,
+        positions [B, Lm, n_kv, T] and valid counts [B, Lm, n_kv]; `embed_fn(list of token-id lists without
+        <ref>)` returns [B, embed_dim]. Documents whose content hash is already in the bank are skipped; a
+        document whose id is present with other content replaces it. Commits at document boundaries every
+        `commit_every` references or `commit_seconds`, and at the end; rerunning an interrupted add resumes.
+        `progress(stats)` is called after each group of documents; `chunker(doc)` replaces chunk_document (for
+        a caller that already cut the documents). Returns the stats."""
+        if not isinstance(batch, int) or batch <= 0:
+            raise BadArgument(f"batch must be a positive integer, got {batch!r}")
+        t0 = time.monotonic()
+        st = {"documents": 0, "documents_added": 0, "skipped": 0, "replaced": 0, "added": 0, "tokens": 0}
+        with self._writer() as w:
+            group: list[tuple[Document, list]] = []
+            n_group = 0
+            since = 0
+            last = time.monotonic()
+
+            def flush(final: bool) -> None:
+                nonlocal group, n_group, since, last
+                if group:
+                    w.append(group, encode_fn, embed_fn, batch)
+                    since += n_group
+                    group, n_group = [], 0
+                if final or since >= commit_every or time.monotonic() - last >= commit_seconds:
+                    if w.dirty:
+                        w.commit(final=final, stats=st)
+                    since, last = 0, time.monotonic()
+                if progress is not None:
+                    # count: references appended so far; committed: those a crash now would keep
+                    progress(dict(st, count=w.count, committed=self.count, seconds=time.monotonic() - t0))
+
+            for doc in documents:
+                st["documents"] += 1
+                if doc.sha256 in w.live_hashes:
+                    st["skipped"] += 1
+                    continue
+                refs = chunker(doc) if chunker is not None else chunk_document(doc, tokenizer, max_tokens)
+                if doc.id in w.live_ids:
+                    st["replaced"] += 1
+                w.live_hashes.add(doc.sha256)
+                group.append((doc, refs))
+                n_group += len(refs)
+                st["documents_added"] += 1
+                st["added"] += len(refs)
+                st["tokens"] += sum(len(r.ids) for r in refs)
+                if n_group >= batch:
+                    flush(False)
+            flush(True)
+        dt = time.monotonic() - t0
+        st["seconds"] = round(dt, 3)
+        st["references_per_s"] = round(st["added"] / dt, 1) if dt > 0 else 0.0
+        st["count"] = self.count
+        return st
+
+    def remove(self, source_id: str) -> dict[str, int]:
+        """Tombstone the live documents whose id is `source_id` (or, if none, whose source is `source_id`);
+        their references leave search at once, in one atomic commit. Returns the counts removed."""
+        with self._writer() as w:
+            hits = [i for i, d in enumerate(self.docs) if d["id"] == source_id and i in w.live_docs]
+            if not hits:
+                hits = [i for i, d in enumerate(self.docs) if d["source"] == source_id and i in w.live_docs]
+            n_refs = sum(self.docs[i]["count"] for i in hits)
+            if hits:
+                w.tombstone(hits)
+                st = {"documents_removed": len(hits), "references_removed": n_refs}
+                w.commit(final=True, stats=st, save_index=False)
+        return {"documents": len(hits), "references": n_refs}
+
+    def rebuild_index(self) -> int:
+        """Build both indexes again, HNSW from the stored vectors and BM25 from the stored terms (after damage
+        to or loss of an index file); returns the references indexed."""
+        with self._writer() as w:
+            w.build_index(fresh=True)  # from the vectors alone: the old file may be what is damaged
+            w.commit(final=True, stats={}, save_index=True, force_lexical=True)
+        return self.count
