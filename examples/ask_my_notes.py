@@ -15,7 +15,7 @@ from pathlib import Path
 
 import m3lite
 from m3lite.defaults import default_model_dir
-from m3lite.memory import build_or_add, qa_prompt
+from m3lite.memory import build_or_add
 from m3lite.modelfile import cache_dir
 
 
@@ -41,15 +41,17 @@ def main() -> None:
     print(f"\n{stats['bank']}: {stats['count']} references ({stats['added']} new)", file=sys.stderr)
 
     bank = m3lite.Bank.open(bank_dir)
-    for piece in model.generate(qa_prompt(args.question), bank=bank, mode="memory", stream=True, temperature=0,
-                                max_new_tokens=args.max_tokens, stop=["\nQuestion:"]):
+    # the model's own chat format and default mode (rag for imported models, memory for models trained here);
+    # retrieval searches with the question alone
+    for piece in model.ask(args.question, bank=bank, stream=True, max_new_tokens=args.max_tokens):
         print(piece, end="", flush=True)
     print()
     result = model.last_result
     print("\nSources:")
     for n, ref in enumerate(result.references, 1):
         snippet = " ".join(ref["text"].split())[:120]
-        print(f"[{n}] {ref['title']} ({ref['doc_id']}), {100 * ref['attention']:.1f}% of the attention")
+        share = f", {100 * ref['attention']:.1f}% of the attention" if "attention" in ref else ""
+        print(f"[{n}] {ref['title']} ({ref['doc_id']}), score {ref['score']}{share}")
         print(f"    {snippet}")
 
 
