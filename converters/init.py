@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,30 +20,7 @@ from m3lite.config import PRESETS, ModelConfig
 from m3lite.errors import M3Error
 from m3lite.modelfile import FLOAT_DTYPES, tensor_shapes
 
-INIT_STD = 0.02
-MATRIX_KINDS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")
-
-
-def init_order(cfg: ModelConfig) -> Iterator[tuple[str, int | None]]:
-    """The (kind, layer) order in which random weights are drawn; norms are ones and draw nothing."""
-    yield "tok_embeddings", None
-    for i in range(cfg.n_layers):
-        for kind in MATRIX_KINDS:
-            yield kind, i
-    if not cfg.tie_embeddings:
-        yield "output", None
-
-
-def fill_random(cfg: ModelConfig, seed: int,
-                target: Callable[[str, int | None], np.ndarray]) -> Iterator[tuple[str, int | None, np.ndarray]]:
-    """Fill `target(kind, layer)` (a C-contiguous float32 array) with normal(0, INIT_STD) for each weight in
-    `init_order`, yielding (kind, layer, array) after each fill."""
-    rng = np.random.Generator(np.random.PCG64(seed))
-    for kind, layer in init_order(cfg):
-        a = target(kind, layer)
-        rng.standard_normal(dtype=np.float32, out=a)
-        a *= np.float32(INIT_STD)
-        yield kind, layer, a
+from .random_init import INIT_STD, MATRIX_KINDS, fill_random, init_order  # noqa: F401  (re-exported)
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:

@@ -199,7 +199,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        from .init import fill_random
+        from .random_init import fill_random
 
         device = self.tok_embeddings.weight.device
         for p in self.parameters():

@@ -27,6 +27,12 @@ HELP = """commands:
 _CONTROLS = {c: "\ufffd" for c in [*range(0, 9), *range(11, 32), 127, *range(0x80, 0xA0)]}
 
 
+
+def snippet(text: str, n: int = 160) -> str:
+    """A reference's text on one line, cut to `n` characters (what `ask`, `bank search` and `chat` print)."""
+    t = " ".join(text.split())
+    return t if len(t) <= n else t[: n - 1] + "\u2026"
+
 class Terminal:
     """Output with colour only on a terminal, and never with NO_COLOR set."""
 
@@ -164,13 +170,11 @@ class Session:
             self.show_sources(r.references)
 
     def show_sources(self, refs: list[dict]) -> None:
-        from .cli import _snippet
-
         self.term.line("Sources:", "1")
         for n, r in enumerate(refs, 1):
             share = f", {100 * r['attention']:.1f}% of the attention" if "attention" in r else ""
             self.term.line(f"  [{n}] {r['title']} ({r['doc_id']}, score {r['score']:.3f}{share})")
-            self.term.line(f"      {_snippet(r['text'])}".translate(_CONTROLS), "2")
+            self.term.line(f"      {snippet(r['text'])}".translate(_CONTROLS), "2")
 
     # ---- slash commands ------------------------------------------------------------------------------------
 

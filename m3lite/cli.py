@@ -398,15 +398,12 @@ def bank_search(
         _print_reference(n, r)
 
 
-def _snippet(text: str, n: int = 160) -> str:
-    t = " ".join(text.split())
-    return t if len(t) <= n else t[: n - 1] + "\u2026"
-
-
 def _print_reference(n: int, r: dict) -> None:
+    from .chat_cli import snippet
+
     att = f", attention {100 * r['attention']:.1f}%" if "attention" in r else ""
     typer.echo(f"[{n}] {r['title']} ({r['doc_id']}) score {r['score']:.3f}{att}")
-    typer.echo(f"    {_snippet(r['text'])}")
+    typer.echo(f"    {snippet(r['text'])}")
 
 
 def _default_bank(m, model_option: Optional[Path], quiet: bool) -> Path:

@@ -7,7 +7,7 @@ import os
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -20,14 +20,10 @@ from .format import (BankError, CHECKS, CHECK_DTYPE, DATA_FILES, DELETED, DOCS, 
 from .index import HnswIndex, _build_lexical, _file_ok, _normalize, index_text
 
 
-if TYPE_CHECKING:
-    from .reader import Bank
-
-
 class _Writer:
     """Append state of one writing session; owns the open files, the running checksums and the index."""
 
-    def __init__(self, bank: Bank):
+    def __init__(self, bank):  # the Bank (m3lite.bank.reader) being written
         self.b = bank
         p, m = bank.path, bank.manifest
         files = m["files"]
