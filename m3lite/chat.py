@@ -268,7 +268,7 @@ class Chat:
 
     def _answer(self, question, found, session, reserve, result, params, cancel, plan) -> Iterator[str]:
         eng = self.engine
-        with self.model._guard():
+        with self.model.generation_lock():
             if plan[0] != self._epoch:  # the conversation moved on since send() planned this turn
                 plan = self._plan(question, found, session, reserve, result)
             _, ids, keep, texts, drop = plan

@@ -168,7 +168,7 @@ def _forward(model, ids: Sequence[int], session=None, exclude=None) -> np.ndarra
     """Logits [n, V] of a fresh forward over `ids`: plain, or (with a MemorySession) the memory-mode prefill,
     each retrieval_interval-token chunk attending to the memories retrieved for it (minus `exclude`)."""
     cfg = model.config
-    with model._guard():
+    with model.generation_lock():
         eng = model.engine("numba")
         eng.reset()
         if session is None:

@@ -87,7 +87,7 @@ def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str
     total = sum(len(c) for c in chunks.values())
     eng = model.engine("numba")
     cb = (lambda st: progress(st, total)) if progress is not None else None
-    with model._guard():
+    with model.generation_lock():
         stats = bank.add(todo, eng.encode_references, embed, tok, max_tokens=cfg.reference_max_tokens,
                          progress=cb, chunker=lambda d: chunks[d.sha256])
     stats["skipped"] += len(docs) - len(todo)

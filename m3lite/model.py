@@ -104,7 +104,7 @@ class Model:
     def logits(self, token_ids: Sequence[int], backend: str = "numba") -> np.ndarray:
         """Logits [n, vocab] of a fresh forward over `token_ids` (no BOS added)."""
         ids = self._ids(token_ids)
-        with self._guard():
+        with self.generation_lock():
             eng = self.engine(backend)
             eng.reset()
             return np.array(eng.prefill(ids, all_logits=True), dtype=np.float32, copy=True)
@@ -243,7 +243,7 @@ class Model:
         return lambda texts: tok.encode("", bos=True) + (tok.encode(rag_context(texts)) if texts else []) + body
 
     def _run(self, ids, params, backend, cancel, session=None, with_refs=None) -> Iterator[str]:
-        with self._guard():
+        with self.generation_lock():
             eng = self.engine(backend)
             eng.reset()
             result = GenerationResult()
@@ -274,7 +274,9 @@ class Model:
                     result.retrieval_s = session.retrieval_s
                     result.references = session.references()
 
-    def _guard(self):
+    def generation_lock(self):
+        """A context manager holding this model for one generation (or any use of its engines); BusyError at
+        once, not a wait, when another thread holds it."""
         model = self
 
         class _G:
