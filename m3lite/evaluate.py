@@ -246,11 +246,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
     if not modes or any(m not in MODES for m in modes):
         raise BadArgument(f"--modes must be some of {', '.join(MODES)}, got {', '.join(modes) or 'none'}")
     modes = [m for m in MODES if m in set(modes)]
-    if bank.fingerprint != model.fingerprint:
-        from .bank import FingerprintError
-
-        raise FingerprintError(f"bank {bank.path} was built for another model (fingerprint {bank.fingerprint}, "
-                               f"this model is {model.fingerprint}): rebuild the bank with this model")
+    bank.check_model(model.fingerprint)
     if max_tokens < 1:
         raise BadArgument(f"--max-tokens must be at least 1, got {max_tokens}")
     t_start = time.perf_counter()

@@ -160,11 +160,8 @@ class Model:
 
         if not isinstance(bank, Bank):
             bank = open_bank(bank, self)
-        elif bank.fingerprint != self.fingerprint:
-            from .bank import FingerprintError
-
-            raise FingerprintError(f"bank {bank.path} was built for another model (fingerprint {bank.fingerprint}, "
-                                   f"this model is {self.fingerprint}): rebuild the bank with this model")
+        else:
+            bank.check_model(self.fingerprint)
         return MemorySession(self, bank, mode=mode, retriever=retriever)
 
     @property

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,21 +98,38 @@ def fingerprint(cfg: ModelConfig, weights_sha: str, tokenizer_sha: str) -> str:
     return h.hexdigest()[:32]
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename in folder `path` durable (best effort: some filesystems refuse to fsync a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def _atomic_file(path: Path):
-    """An open binary file whose content replaces `path` when the block ends (tmp + fsync + rename); readers see
-    the old or the new content, never a part. An exception leaves `path` as it was."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """An open binary file whose content replaces `path` when the block ends (a unique `NAME.*.tmp` beside it,
+    fsync, rename, fsync of the folder); readers see the old or the new content, never a part. An exception
+    leaves `path` as it was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if tmp.exists():
-            tmp.unlink()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

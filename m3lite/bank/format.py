@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 
 from .. import quant as Q
 from ..errors import BadArgument, M3Error
-from ..modelfile import json_checksum, signed_json
+from ..modelfile import atomic_write_bytes as _atomic_write, json_checksum, signed_json
 
 
 FORMAT = "m3lite-bank"
@@ -56,6 +55,12 @@ class BankBusyError(BankError):
 
 class FingerprintError(BankError):
     """The bank was built with another model."""
+
+
+def foreign_bank(path, built_for: str, model: str) -> FingerprintError:
+    """The one-line refusal of a bank built by another model."""
+    return FingerprintError(f"bank {path} was built for another model (fingerprint {built_for}, this model is "
+                            f"{model}): rebuild the bank with this model")
 
 
 @dataclass(frozen=True)
@@ -102,34 +107,6 @@ def record_dtype(shape: MemShape, quant: str) -> np.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- files
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _hash_prefix(path: Path, length: int, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":

@@ -23,7 +23,7 @@ from ..sources import Document, chunk_document
 from .format import (BankError, CHECKS, CHECK_DTYPE, DATA_FILES, DELETED, DOCS, EXACT_BELOW, FORMAT, FingerprintError,
                      HASHED, HNSW_EF_SEARCH, LOCK, MANIFEST, MEM, MemShape, REFS, REF_DTYPE, TERMS, TEXTS, TOKENS,
                      VECS, VERSION, _ARRAY_NAME, _INDEX_NAME, _Lock, _TMP_NAME, _atomic_write, _hash_prefix, _map,
-                     _read_manifest, _write_manifest, record_dtype)
+                     _read_manifest, _write_manifest, foreign_bank, record_dtype)
 from .index import HnswIndex, _build_lexical, _file_ok, _normalize, _top_k
 from .writer import _Writer
 
@@ -109,9 +109,13 @@ class Bank:
         p = Path(path)
         m = _read_manifest(p)
         if fingerprint is not None and m["fingerprint"] != fingerprint:
-            raise FingerprintError(f"bank {p} was built for another model (fingerprint {m['fingerprint']}, this "
-                                   f"model is {fingerprint}): rebuild the bank with this model")
+            raise foreign_bank(p, m["fingerprint"], fingerprint)
         return cls(p, m)
+
+    def check_model(self, fingerprint: str) -> None:
+        """FingerprintError (one line) unless this bank was built by the model with `fingerprint`."""
+        if self.fingerprint != fingerprint:
+            raise foreign_bank(self.path, self.fingerprint, fingerprint)
 
     def refresh(self) -> bool:
         """Move to the newest committed state; True if it changed."""
