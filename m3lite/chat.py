@@ -326,10 +326,7 @@ class Chat:
         d = {"turns": len(self.turns), "context_tokens": self.context_tokens, "max_context": self.max_context,
              "mode": self.mode}
         if r is not None:
-            d.update({"answer_tokens": len(r.tokens), "prompt_tokens": r.prompt_tokens,
-                      "ttft_ms": round(r.ttft_s * 1000, 3), "retrieval_ms": round(r.retrieval_s * 1000, 3),
-                      "prefill_tokens_per_s": round(r.prefill_tokens_per_s, 2),
-                      "decode_tokens_per_s": round(r.decode_tokens_per_s, 2)})
+            d.update({"answer_tokens": len(r.tokens), "prompt_tokens": r.prompt_tokens, **r.timings()})
         return d
 
     # ---- save / load ---------------------------------------------------------------------------------------

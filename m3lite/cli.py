@@ -468,9 +468,7 @@ def ask(
             "notes": r.notes,
             "references": [{k: x.get(k) for k in ("id", "doc_id", "source", "title", "text", "score", "attention")
                             if k in x} for x in r.references],
-            "timings": {"retrieval_ms": round(r.retrieval_s * 1000, 3), "ttft_ms": round(r.ttft_s * 1000, 3),
-                        "prefill_tokens_per_s": round(r.prefill_tokens_per_s, 2),
-                        "decode_tokens_per_s": round(r.decode_tokens_per_s, 2)},
+            "timings": r.timings(),
         })
         return
     if r.references:

@@ -61,16 +61,19 @@ class GenerationResult:
         n = max(0, len(self.tokens) - 1)  # the first token comes from the prefill
         return n / self.decode_s if self.decode_s > 0 else 0.0
 
+    def timings(self) -> dict:
+        """The figures every face reports: retrieval and first-token times in ms, prefill and decode tokens/s."""
+        return {"retrieval_ms": round(self.retrieval_s * 1000, 3), "ttft_ms": round(self.ttft_s * 1000, 3),
+                "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 2)}
+
     def to_dict(self) -> dict:
         return {
             "text": self.text,
             "tokens": list(self.tokens),
             "prompt_tokens": self.prompt_tokens,
             "finish_reason": self.finish_reason,
-            "ttft_ms": round(self.ttft_s * 1000, 3),
-            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
-            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
-            "retrieval_ms": round(self.retrieval_s * 1000, 3),
+            **self.timings(),
             "mode": self.mode,
             "references": self.references,
             "notes": self.notes,

@@ -229,9 +229,7 @@ class App:
     @staticmethod
     def _extension(r) -> dict:
         return {"mode": r.mode, "references": [reference_summary(x) for x in r.references], "notes": r.notes,
-                "timings": {"retrieval_ms": round(r.retrieval_s * 1000, 3), "ttft_ms": round(r.ttft_s * 1000, 3),
-                            "prefill_tokens_per_s": round(r.prefill_tokens_per_s, 2),
-                            "decode_tokens_per_s": round(r.decode_tokens_per_s, 2)}}
+                "timings": r.timings()}
 
     @staticmethod
     def _usage(r) -> dict:
