@@ -25,7 +25,7 @@ import numpy as np
 
 from .bank import Bank
 from .errors import BadArgument, BusyError, M3Error
-from .generate import GenerationResult, SamplingParams, stream as _stream
+from .generate import DEFAULTS, GenerationResult, SamplingParams, stream as _stream
 from .chat_template import rag_context, with_references
 from .memory import MemorySession, check_mode
 from .modelfile import atomic_write_bytes
@@ -111,7 +111,8 @@ class Chat:
     """
 
     def __init__(self, model, bank=None, mode: str | None = None, *, system: str = "", max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.1,
+                 temperature: float = 0.0, top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p,
+                 repetition_penalty: float = DEFAULTS.repetition_penalty,
                  seed: int | None = None, retriever: str = "hybrid"):
         from .retrieval import check_retriever
 

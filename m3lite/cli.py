@@ -13,6 +13,7 @@ import typer
 
 from . import __version__
 from .errors import M3Error
+from .params import DEFAULTS
 
 app = typer.Typer(
     help="m3lite: run small language models with explicit memory on your CPU.",
@@ -64,10 +65,11 @@ def generate(
     prompt: str = typer.Argument(..., help="The text to continue."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
-    top_k: int = typer.Option(40, help="Sample among the K most likely tokens; 0 disables."),
-    top_p: float = typer.Option(0.95, help="Nucleus sampling: smallest set with this total probability."),
-    repeat_penalty: float = typer.Option(1.1, help="Penalty on tokens seen in the last 64; 1 disables."),
+    temperature: float = typer.Option(DEFAULTS.temperature, help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(DEFAULTS.top_k, help="Sample among the K most likely tokens; 0 disables."),
+    top_p: float = typer.Option(DEFAULTS.top_p, help="Nucleus sampling: smallest set with this total probability."),
+    repeat_penalty: float = typer.Option(DEFAULTS.repetition_penalty, help="Penalty on tokens seen in the last "
+                                         f"{DEFAULTS.repeat_window}; 1 disables."),
     seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
     stop: Optional[list[str]] = typer.Option(None, help="Stop when this text appears (repeatable)."),
     backend: str = typer.Option("numba", help="numba (the m3lite engine) or onnxruntime."),

@@ -11,7 +11,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import BadArgument, BusyError
 from .kernels.sampling import sample
-from .generate import GenerationResult, SamplingParams, stream as _stream
+from .generate import DEFAULTS, GenerationResult, SamplingParams, stream as _stream
 from .modelfile import ModelFiles
 from .quantize import check_weights, load as load_q8, resolve_weights
 from .tokenizer import load_tokenizer
@@ -113,7 +113,8 @@ class Model:
         return self.tokenizer.encode(prompt, bos=True)
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, repetition_penalty: float = 1.1, seed: int | None = None,
+                 top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p,
+                 repetition_penalty: float = DEFAULTS.repetition_penalty, seed: int | None = None,
                  stop: Sequence[str] | None = None, stream: bool = False, backend: str = "numba",
                  cancel=None, bank=None, mode: str | None = None, retriever: str = "hybrid") -> str | Iterator[str]:
         """Generate a continuation of `prompt` (text, or token ids used as given).
@@ -193,7 +194,8 @@ class Model:
         return self.tokenizer.encode(plain_prompt(msgs), bos=True)
 
     def ask(self, question: str, bank=None, mode: str | None = None, system: str | None = None,
-            max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+            max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = DEFAULTS.top_k,
+            top_p: float = DEFAULTS.top_p,
             repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
             stream: bool = False, backend: str = "numba", cancel=None, retriever: str = "hybrid") -> str | Iterator[str]:
         """Answer `question` in the model's chat format (greedy by default), from `bank` in `mode` as

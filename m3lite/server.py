@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import __version__
 from .chat import Chat, ContextLengthError, Turn, reference_summary
+from .generate import DEFAULTS
 from .errors import BadArgument, M3Error
 from .memory import MODES, RETRIEVERS, MemorySession, bank_embedder
 
@@ -211,10 +212,11 @@ class App:
         if _field(body, "n", "integer", 1, 1, 1) != 1:
             raise APIError(400, "'n' must be 1", param="n")
         ext = _field(body, "m3lite", "object", {})
-        return {"temperature": _field(body, "temperature", "number", 0.8, 0, 2),
-                "top_p": _field(body, "top_p", "number", 0.95, 0, 1) or 1e-6,
-                "top_k": _field(body, "top_k", "integer", _field(ext, "top_k", "integer", 40, 0), 0),
-                "repetition_penalty": _field(ext, "repetition_penalty", "number", 1.1, 0.01, 10),
+        return {"temperature": _field(body, "temperature", "number", DEFAULTS.temperature, 0, 2),
+                "top_p": _field(body, "top_p", "number", DEFAULTS.top_p, 0, 1) or 1e-6,
+                "top_k": _field(body, "top_k", "integer", _field(ext, "top_k", "integer", DEFAULTS.top_k, 0), 0),
+                "repetition_penalty": _field(ext, "repetition_penalty", "number", DEFAULTS.repetition_penalty, 0.01,
+                                             10),
                 "seed": _field(body, "seed", "integer"), "stop": _stop(body)}
 
     def _max_tokens(self, body: dict, default: int | None) -> int | None:

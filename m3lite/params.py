@@ -1,0 +1,38 @@
+"""Sampling settings and their defaults, in a module light enough for the CLI to import at start."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import BadArgument
+
+
+@dataclass
+class SamplingParams:
+    """How a generation samples; its defaults are the library's, the CLI's and the server's (see DEFAULTS)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
+    repeat_window: int = 64
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise BadArgument("max_new_tokens must be >= 0")
+        if self.temperature < 0:
+            raise BadArgument("temperature must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise BadArgument("top_k must be >= 0 (0 disables it)")
+        if not 0 < self.top_p <= 1:
+            raise BadArgument("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise BadArgument("repetition_penalty must be > 0 (1 disables it)")
+        if self.repeat_window < 0:
+            raise BadArgument("repeat_window must be >= 0")
+
+
+DEFAULTS = SamplingParams()  # one place for the sampling defaults
