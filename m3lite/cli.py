@@ -195,7 +195,10 @@ def pull(
     if name in EMBEDDERS:
         with _progress_bar("converting", quiet=as_json) as update:
             d = pull_embedder(name, force=force, progress=lambda stage, done, total: update(done, total), say=say)
-        _echo_json({"embedder": str(d)}) if as_json else typer.echo(str(d))
+        if as_json:
+            _echo_json({"embedder": str(d)})
+        else:
+            typer.echo(str(d))
         return
     with _progress_bar("importing", quiet=as_json) as update:
         d = do_pull(name, force=force, progress=lambda stage, done, total: update(done, total),

@@ -252,9 +252,9 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
     t_start = time.perf_counter()
     if qa is not None:
         articles: list[EvalArticle] = []
-        items = read_qa(qa, bank)[:limit] if limit is None or limit >= 1 else None
-        if items is None:
+        if limit is not None and limit < 1:
             raise BadArgument(f"--limit must be at least 1, got {limit}")
+        items = read_qa(qa, bank)[:limit]
     else:
         articles = heldout_articles(bank, lang, limit, warn)
         items = [EvalItem(q.question, q.answer, a.references) for a in articles for q in a.questions]

@@ -136,17 +136,24 @@ class TermIndex:
         return np.bincount(doc, weights=w, minlength=self.n)
 
 
+def top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` best of `ids` by `scores`, best first, equal scores by lower id (ties at the cut included before
+    the order is taken): ids int64, scores float32. Every search of a bank ranks with it."""
+    if len(ids) > k:
+        cut = np.partition(scores, len(scores) - k)[len(scores) - k]
+        keep = scores >= cut
+        ids, scores = ids[keep], scores[keep]
+    order = np.lexsort((ids, -scores))[:k]
+    return ids[order].astype(np.int64), scores[order].astype(np.float32)
+
+
 def top(scores: np.ndarray, k: int, skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Up to `k` documents with a positive score, best first (equal scores: lower index first), leaving out
-    those where `skip` is True: ids int64, scores float32."""
+    """Up to `k` documents with a positive score (`scores` of every document), best first, leaving out those
+    where `skip` is True (see top_k)."""
     if skip is not None:
         scores = np.where(skip, 0.0, scores)
     cand = np.flatnonzero(scores > 0)
-    if len(cand) > k:
-        cut = np.partition(scores[cand], len(cand) - k)[len(cand) - k]
-        cand = cand[scores[cand] >= cut]
-    cand = cand[np.lexsort((cand, -scores[cand]))][:k]
-    return cand.astype(np.int64), scores[cand].astype(np.float32)
+    return top_k(cand, scores[cand], k)
 
 
 # ------------------------------------------------------------------------------------------- stored as a file

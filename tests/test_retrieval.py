@@ -47,8 +47,7 @@ def titles(model, bank, query, retriever, k=3):
 
 
 def test_words_fold_case_and_accents_and_drop_stop_words():
-    assert lexical.words("Señor CAFÉ, the naïve Ærø!") == ["senor", "cafe", "naive", "aer", "o"] or \
-        lexical.words("Señor CAFÉ, the naïve Ærø!")[:3] == ["senor", "cafe", "naive"]
+    assert lexical.words("Señor CAFÉ, the naïve Ærø!") == ["senor", "cafe", "naive", "ærø"]  # Æ/ø do not decompose
     assert lexical.words("What is a volcano?") == ["volcano"]
     assert list(lexical.term_ids("Zebra zebra")) == [lexical.term_id("zebra")] * 2
 
@@ -110,11 +109,11 @@ def test_the_template_and_system_prompt_cannot_change_what_is_retrieved(built, r
 def test_a_follow_up_question_retrieves_the_conversation_subject(built):
     model, bank, _ = built
     chat = model.chat(bank=bank, mode="rag", max_new_tokens=4, retriever="lexical")
+    follow_up = "When was its most recent eruption?"  # no word of it is in any note
+    assert titles(model, bank, follow_up, "lexical") == []  # asked alone, it finds nothing
     chat.send("Tell me about the Zorblax volcano.")
-    chat.send("When did it last erupt?")
+    chat.send(follow_up)
     assert chat.last_result.references[0]["title"] == "Zorblax"
-    alone = titles(model, bank, "When did it last erupt?", "lexical")
-    assert "Zorblax" not in alone[:1] or len(alone) <= 1  # asked alone, the follow-up names no subject
 
 
 def test_bank_search_json_and_empty_question(built):

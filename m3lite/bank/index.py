@@ -130,11 +130,3 @@ def _normalize(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, np.float32)
     n = np.linalg.norm(v, axis=-1, keepdims=True)
     return (v / np.maximum(n, 1e-30)).astype(np.float32)
-
-
-def _top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    if len(ids) > k:
-        part = np.argpartition(-scores, k - 1)[:k]
-        ids, scores = ids[part], scores[part]
-    order = np.lexsort((ids, -scores))
-    return ids[order].astype(np.int64), scores[order].astype(np.float32)

@@ -18,13 +18,13 @@ import numpy as np
 
 from .. import quant as Q
 from ..errors import BadArgument
-from ..lexical import TermIndex, read_array_file, term_ids, top
+from ..lexical import TermIndex, read_array_file, term_ids, top, top_k
 from ..sources import Document, chunk_document
 from .format import (BankError, CHECKS, CHECK_DTYPE, DATA_FILES, DELETED, DOCS, EXACT_BELOW, FORMAT, FingerprintError,
                      HASHED, HNSW_EF_SEARCH, LOCK, MANIFEST, MEM, MemShape, REFS, REF_DTYPE, TERMS, TEXTS, TOKENS,
                      VECS, VERSION, _ARRAY_NAME, _INDEX_NAME, _Lock, _TMP_NAME, _atomic_write, _hash_prefix, _map,
                      _read_manifest, _write_manifest, foreign_bank, record_dtype)
-from .index import HnswIndex, _build_lexical, _file_ok, _normalize, _top_k
+from .index import HnswIndex, _build_lexical, _file_ok, _normalize
 from .writer import _Writer
 
 
@@ -349,12 +349,12 @@ class Bank:
             sc = np.asarray(self._vecs[s:e]) @ v
             live = ~self._dead[s:e]
             ids = np.arange(s, e)[live]
-            ids, sc = _top_k(ids, sc[live], k)
+            ids, sc = top_k(ids, sc[live], k)
             ids_all.append(ids)
             sc_all.append(sc)
         if not ids_all:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        return _top_k(np.concatenate(ids_all), np.concatenate(sc_all), k)
+        return top_k(np.concatenate(ids_all), np.concatenate(sc_all), k)
 
     def _reader_index(self) -> HnswIndex | None:
         if self._index is not None:
@@ -414,7 +414,7 @@ class Bank:
         if len(ids) < kk:  # hnswlib gave up (too many deletions for this ef): brute force is always right
             return self._exact(v, int(k))
         tid, tsc = self._exact(v, int(k), lo=n_ix)
-        return _top_k(np.concatenate([ids, tid]), np.concatenate([sc, tsc]), int(k))
+        return top_k(np.concatenate([ids, tid]), np.concatenate([sc, tsc]), int(k))
 
     def lexical_search(self, text: str, k: int = 5, skip: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """The k live references with the best BM25 score for the words of `text` (exact, over every committed
