@@ -183,6 +183,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied: the output projection reads tok_embeddings directly (no second Parameter to keep in sync).
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # the token that starts every reference: <ref> for models trained here; an imported model's own marker
+        # (its tokenizer's ref_id, see m3lite.importers.checkpoint.reference_marker)
+        self.ref_id = REF
         if seed is not None:
             self.init_weights(seed)
 
@@ -381,7 +384,7 @@ def select_tokens(score: torch.Tensor, n_text: torch.Tensor, K: int) -> tuple[to
     return top, valid
 
 
-def _check_references(cfg: ModelConfig, ref_tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+def _check_references(cfg: ModelConfig, ref_tokens: torch.Tensor, lengths: torch.Tensor, ref_id: int) -> None:
     if ref_tokens.ndim != 2 or lengths.shape != (ref_tokens.shape[0],):
         raise ValueError(f"expected ref_tokens [B, T] and lengths [B], got {tuple(ref_tokens.shape)} and "
                          f"{tuple(lengths.shape)}")
@@ -391,8 +394,8 @@ def _check_references(cfg: ModelConfig, ref_tokens: torch.Tensor, lengths: torch
     if int(lengths.min()) < 1 or int(lengths.max()) > min(T, cfg.reference_max_tokens):
         raise ValueError(f"reference lengths must be in 1..{min(T, cfg.reference_max_tokens)} (<ref> included; "
                          f"T={T}, reference_max_tokens={cfg.reference_max_tokens})")
-    if bool((ref_tokens[:, 0] != REF).any()):
-        raise ValueError(f"every reference must start with the <ref> token (id {REF})")
+    if bool((ref_tokens[:, 0] != ref_id).any()):
+        raise ValueError(f"every reference must start with the reference marker (id {ref_id})")
 
 
 def encode_memory(model: Transformer, ref_tokens: torch.Tensor, lengths: torch.Tensor) -> Memory:
@@ -418,7 +421,7 @@ def encode_memory(model: Transformer, ref_tokens: torch.Tensor, lengths: torch.T
     K = cfg.memory_tokens_per_head
     device = ref_tokens.device
     lengths = torch.as_tensor(lengths, device=device).long()
-    _check_references(cfg, ref_tokens, lengths)
+    _check_references(cfg, ref_tokens, lengths, model.ref_id)
     B, T = ref_tokens.shape
     pos = torch.arange(T, device=device)
     cos, sin = rope_cos_sin(pos[None], cfg.hd, cfg.rope_theta, cfg.rope_scaling)
@@ -451,7 +454,7 @@ def ref_kv(model: Transformer) -> KV:
     """
     cfg = model.cfg
     layer_ids = cfg.memory_layer_ids
-    tok = torch.full((1, 1), REF, dtype=torch.long, device=model.tok_embeddings.weight.device)
+    tok = torch.full((1, 1), model.ref_id, dtype=torch.long, device=model.tok_embeddings.weight.device)
     cos, sin = rope_cos_sin(torch.zeros(1, 1, dtype=torch.long, device=tok.device), cfg.hd, cfg.rope_theta,
                             cfg.rope_scaling)
     x = model.tok_embeddings(tok)

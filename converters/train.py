@@ -49,7 +49,7 @@ from .model import Transformer, encode_memory, forward_with_memory_parallel, fro
 from m3lite.plot import loss_chart
 from .tokenizer import PAD
 
-STAGES = ("warmup", "memory", "sft")
+STAGES = ("warmup", "memory", "sft", "distill")
 CKPT, RUN_JSON, TOKENIZER = "checkpoint.pt", "run.json", "tokenizer.model"
 LOSS_CSV, EVAL_CSV, LOSS_PNG, LOG = "loss.csv", "eval.csv", "loss.png", "train.log"
 CKPT_FORMAT, CKPT_VERSION = "m3lite-train", 1
@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="Also: python -m converters.train export RUN_DIR --out DIR "
                                        "[--dtype float32|float16]")
     a = p.add_argument
-    a("--stage", choices=STAGES, help="warmup (plain LM), memory (continual train with memory), sft")
+    a("--stage", choices=STAGES, help="warmup (plain LM), memory (continual train with memory), sft, distill "
+                                      "(a LoRA memory adapter for an imported model: converters/distill.py)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="start from a model directory or a run directory (its checkpoint)")
     src.add_argument("--preset", choices=list(PRESETS), help="start from a fresh random model of this shape")
@@ -113,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--export", help="after training, write the model as an m3lite model directory here")
     a("--export-dtype", choices=FLOAT_DTYPES, help="how --export stores the weights: float16 halves the files, "
                                                    "the math stays float32 (default float32)")
+    from .distill import add_arguments
+
+    add_arguments(p)
     return p
 
 
@@ -212,6 +216,19 @@ def _start(device: str) -> Proc:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return Proc(rank, world, dev)
+
+
+def sync_grads(params: list[torch.Tensor], proc: Proc) -> None:
+    """Sum the gradients over the processes (one all-reduce of them all, flattened)."""
+    if proc.world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    off = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[off:off + g.numel()].view_as(p)
+        off += g.numel()
 
 
 def use_bf16(mode: str, device: torch.device) -> bool:
@@ -450,6 +467,12 @@ def _eta(seconds: float) -> str:
 
 def train(args: argparse.Namespace) -> int:
     run_dir = Path(args.out)
+    if args.stage == "distill" or (args.resume and args.stage is None and (run_dir / RUN_JSON).is_file() and
+                                   json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8")).get("stage")
+                                   == "distill"):
+        from . import distill
+
+        return distill.run(args, sys.modules[__name__])
     saved = None
     if args.resume:
         if not (run_dir / RUN_JSON).is_file() or not (run_dir / CKPT).is_file():
@@ -553,14 +576,7 @@ def train(args: argparse.Namespace) -> int:
         # sum over this process's tokens / the global batch's tokens; summing the gradients over the processes
         # then gives exactly the single-process gradient of the global mean
         (total / n_loss).backward()
-        if proc.world > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            off = 0
-            for p, g in zip(params, grads):
-                p.grad = flat[off:off + g.numel()].view_as(p)
-                off += g.numel()
+        sync_grads(params, proc)
         if s["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(params, s["grad_clip"])
         opt.step()

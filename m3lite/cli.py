@@ -162,6 +162,9 @@ def import_(
                                                 "a comma list like 0,1,2."),
     memory_tokens: Optional[str] = typer.Option(None, "--memory-tokens", help="Tokens kept per KV head of each "
                                                 "reference: a number (default 8, as the paper) or all."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A memory adapter (.safetensors from "
+                                           "`python -m converters.train --stage distill`) merged into the weights "
+                                           "before they are stored; the model takes its memory settings."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Import a pretrained Llama-family checkpoint (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama, Mistral) with its own
@@ -170,7 +173,7 @@ def import_(
 
     with _progress_bar(f"importing {src.name}", quiet=as_json) as update:
         d = import_model(src, out, weights=weights, force=force, progress=lambda done, total: update(done, total),
-                         memory_layers=memory_layers, memory_tokens=memory_tokens)
+                         memory_layers=memory_layers, memory_tokens=memory_tokens, adapter=adapter)
     if as_json:
         _echo_json(d)
         return

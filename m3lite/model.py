@@ -168,9 +168,10 @@ class Model:
     @property
     def bank_mode(self) -> str:
         """The mode used with a bank when none is asked for: memory for models trained with explicit memory
-        here; rag for imported ones, whose attention has not been adapted to sparse memories (unadapted, they
-        loop; memory adaptation of imported models is issue 13)."""
-        return "rag" if "source" in self.files.manifest else "memory"
+        here and for imported models with a memory adapter merged in; rag for other imported ones, whose
+        attention has not been adapted to sparse memories (unadapted, they answer little from memory)."""
+        m = self.files.manifest
+        return "rag" if "source" in m and not m.get("adapter") else "memory"
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

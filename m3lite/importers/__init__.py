@@ -73,18 +73,30 @@ def memory_settings(cfg, layers: str | None = None, tokens: str | int | None = N
 
 def import_model(src: str | os.PathLike, out: str | os.PathLike, weights: str = "int8", force: bool = False,
                  progress: Callable[[int, int], None] | None = None, memory_layers: str | None = None,
-                 memory_tokens: str | int | None = None) -> dict[str, Any]:
+                 memory_tokens: str | int | None = None, adapter: str | os.PathLike | None = None) -> dict[str, Any]:
     """Import `src` into the model directory `out`; returns what was written. `progress(done, total)` is called
     with bytes of float32 weights converted so far. `memory_layers` and `memory_tokens` set the explicit-memory
-    settings (see `memory_settings`; default: the first half of the layers, 8 tokens per KV head)."""
+    settings (see `memory_settings`; default: the first half of the layers, 8 tokens per KV head). `adapter`: a
+    memory adapter file (`m3lite.adapter`) merged into the float32 weights before they are stored; the model
+    then takes the adapter's memory settings (giving others as well is refused)."""
     if weights not in IMPORT_WEIGHTS:
         raise BadArgument(f"unknown weights {weights!r}; choose one of {', '.join(IMPORT_WEIGHTS)}")
     t0 = time.perf_counter()
     out = Path(out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
         raise BadArgument(f"{out} already exists; choose a new folder or pass --force to replace it")
+    ad = None
+    if adapter is not None:
+        from ..adapter import read_adapter
+
+        if memory_layers is not None or memory_tokens is not None:
+            raise BadArgument("an adapter brings its own memory settings: drop --memory-layers/--memory-tokens")
+        ad = read_adapter(adapter)
     ck = read_checkpoint(src)
     cfg = memory_settings(ck.config, memory_layers, memory_tokens)
+    if ad is not None:
+        ad.check(cfg)
+        cfg = ad.settings(cfg)
     from ..tokenizer import load_tokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,9 +121,12 @@ def import_model(src: str | os.PathLike, out: str | os.PathLike, weights: str = 
                 progress(done[0], total)
 
         dtype = "float32" if weights == "fp32" else "float16"
-        index = write_weights(tmp, cfg, ck.stacked(step), dtype=dtype)
+        tensors = ck.stacked(step)
+        index = write_weights(tmp, cfg, ad.merged(tensors) if ad is not None else tensors, dtype=dtype)
         extra = {"source": {"path": str(Path(src).resolve()), **ck.info},
                  "chat_template": ck.chat_template}
+        if ad is not None:
+            extra["adapter"] = ad.info()
         write_graph(tmp, cfg, index, fingerprint(cfg, index["sha256"], sha256_file(tok_path)))
         fp = write_manifest(tmp, cfg, index, extra=extra, tokenizer_file=TOKENIZER_JSON, tokenizer_meta=tok_meta)
         files = ModelFiles.open(tmp, verify=False)
@@ -126,7 +141,8 @@ def import_model(src: str | os.PathLike, out: str | os.PathLike, weights: str = 
     return {"model": str(out), "fingerprint": fp, "weights": weights, "params": cfg.n_params(),
             "source": str(src), "layers": cfg.n_layers, "vocab": cfg.vocab_size,
             "chat_template": ck.chat_template is not None, "memory_layers": cfg.memory_layer_ids,
-            "memory_tokens_per_head": cfg.memory_tokens_per_head, "seconds": round(time.perf_counter() - t0, 2)}
+            "memory_tokens_per_head": cfg.memory_tokens_per_head, "adapter": ad.info() if ad is not None else None,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def remove_stale(folder: Path, prefix: str) -> None:

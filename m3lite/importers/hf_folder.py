@@ -46,8 +46,8 @@ def _json(path: Path, required: bool = True) -> dict[str, Any]:
     return d
 
 
-def safetensors_index(path: Path) -> dict[str, tuple[Path, str, tuple[int, ...], int, int]]:
-    """name -> (file, dtype, shape, start, end) of every tensor in one .safetensors file, checked against its size."""
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """(header, offset of the data section, file size) of a .safetensors file, its header checked."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -60,8 +60,15 @@ def safetensors_index(path: Path) -> dict[str, tuple[Path, str, tuple[int, ...],
             header = json.loads(f.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{path} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header")
+    return header, 8 + n, size
+
+
+def safetensors_index(path: Path) -> dict[str, tuple[Path, str, tuple[int, ...], int, int]]:
+    """name -> (file, dtype, shape, start, end) of every tensor in one .safetensors file, checked against its size."""
+    header, base, size = safetensors_header(path)
     out = {}
-    base = 8 + n
     for name, t in header.items():
         if name == "__metadata__":
             continue

@@ -1,0 +1,221 @@
+"""Data for memory distillation: questions, the references the student reads as memory, and the teacher's answers.
+
+    python -m converters.distill_data --model DIR --out DATA_DIR [--facts 1000] [--wiki 600] [--refs 3]
+
+Each item is one question with `refs` references: its gold note and the best-scoring others of the same pool
+(BM25 over words, as a bank's lexical search finds them), so the student learns to answer among distractors.
+- made-up facts: the "train" split of `converters.facts` (templates and invented words evaluation never sees);
+- Wikipedia: held-in articles only (never `m3lite.heldout.is_held_out`), the questions `m3lite eval` asks of
+  held-out ones ("What is X?", "Tell me about X."), the article's first reference as the gold one.
+
+The teacher is the same model in RAG mode, run by m3lite's own engine: reference text inside the user turn
+(`Model.prompt(messages, texts)`), greedy, up to --max-new tokens. By default (--teacher gold) it reads the gold
+reference only: with distractors in its prompt SmolLM2-135M answers fewer made-up facts right (about 58% against
+85% on the train split), and the student, who reads all of them as memory, should learn the better answer. At every answer position the teacher's top
+--top log-probabilities are kept; the trainer's KL needs nothing else from it, so the teacher never runs again.
+Made-up-facts items whose teacher answer misses the gold answer are dropped (the student should not learn a
+wrong answer); Wikipedia answers are free text and all kept.
+
+DATA_DIR gets items.jsonl (per item: kind, question, answer, teacher, student ids = the prompt without
+references, answer ids = the teacher's answer tokens ending in its end-of-turn token, refs = token lists
+starting with the model's reference marker), teacher.npz (top-k ids int32 and log-probs float16, rows in item
+order, one per answer token) and meta.json (the model's fingerprint and these settings). Written atomically
+at the end; a killed run leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from m3lite.errors import BadArgument, M3Error
+from m3lite.modelfile import atomic_write_bytes
+
+ITEMS, TEACHER, META = "items.jsonl", "teacher.npz", "meta.json"
+DATA_FORMAT, DATA_VERSION = "m3lite-distill-data", 1
+
+
+def reference_ids(tok, text: str, max_tokens: int) -> list[int]:
+    """A reference as the bank stores it: the marker, then the text's tokens (cut to max_tokens in all)."""
+    return [tok.ref_id] + tok.encode(text)[:max_tokens - 1]
+
+
+def _pool_index(texts: list[str]):
+    from m3lite.lexical import TermIndex, term_ids
+
+    terms = [term_ids(t) for t in texts]
+    return TermIndex.build(np.concatenate(terms) if terms else np.zeros(0, np.uint64), [len(t) for t in terms])
+
+
+def with_distractors(index, question: str, gold: int, k: int) -> list[int]:
+    """The gold reference and the k-1 others BM25 ranks best for the question, in rank order (gold where it
+    ranks, or last when it falls outside the first k)."""
+    from m3lite.lexical import term_ids, top
+
+    ids, _ = top(index.scores(term_ids(question)), k + 1)
+    ranked = [int(i) for i in ids]
+    if gold not in ranked[:k]:
+        ranked = [i for i in ranked if i != gold][:k - 1] + [gold]
+    return ranked[:k]
+
+
+def fact_items(n_entities: int, seed: int | None) -> tuple[list[str], list[dict]]:
+    from .facts import make_facts
+
+    notes, qs = make_facts("train", seed=seed, n_entities=n_entities)
+    where = {n["id"]: i for i, n in enumerate(notes)}
+    texts = [n["text"] for n in notes]
+    return texts, [{"kind": "facts", "question": q["question"], "answer": q["answer"], "gold": where[q["document"]]}
+                   for q in qs]
+
+
+def wiki_items(tok, n_articles: int, max_tokens: int) -> tuple[list[str], list[dict]]:
+    from m3lite.heldout import article_questions, is_held_out
+    from m3lite.sources import Document, chunk_document, wiki_articles
+
+    texts, items = [], []
+    for title, art in wiki_articles("en").items():
+        if len(texts) >= n_articles:
+            break
+        if is_held_out(title) or not art["description"]:
+            continue
+        doc = Document(id=f"wiki:en/{title}", title=title, text=art["extract"], source="wiki:en")
+        refs = chunk_document(doc, tok, max_tokens)
+        if not refs:
+            continue
+        for qa in article_questions(title, art):
+            items.append({"kind": "wiki", "question": qa.question, "answer": qa.answer, "gold": len(texts)})
+        texts.append(refs[0].text)
+    return texts, items
+
+
+def teacher_answer(model, eng, ids: list[int], max_new: int, top: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Greedy answer of the engine to `ids` and, per answer token, the top `top` token ids and log-probs."""
+    eos = set(model.tokenizer.eos_ids)
+    eng.reset()
+    logits = np.asarray(eng.prefill(np.asarray(ids, np.int64)), np.float64).reshape(-1)
+    out, tops, logps = [], [], []
+    for _ in range(max_new):
+        lp = logits - logits.max()
+        lp = lp - np.log(np.exp(lp).sum())
+        best = np.argpartition(-lp, top)[:top]
+        best = best[np.argsort(-lp[best], kind="stable")]
+        tops.append(best.astype(np.int32))
+        logps.append(lp[best].astype(np.float16))
+        t = int(best[0])
+        out.append(t)
+        if t in eos:
+            break
+        logits = np.asarray(eng.decode(t), np.float64).reshape(-1)
+    return out, np.stack(tops), np.stack(logps)
+
+
+def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 600, refs: int = 3,
+            max_new: int = 40, top: int = 64, seed: int | None = None, teacher: str = "gold", keep_wrong: bool = False,
+            progress=print) -> dict:
+    import m3lite
+    from m3lite.evaluate import contains
+
+    model = m3lite.load(model_dir)
+    tok, cfg = model.tokenizer, model.config
+    if tok.ref_id < 0:
+        raise BadArgument(f"{model_dir}: the tokenizer has no reference marker")
+    pools = []
+    if n_facts:
+        pools.append(fact_items(n_facts, seed))
+    if n_wiki:
+        pools.append(wiki_items(tok, n_wiki, cfg.reference_max_tokens))
+    eng = model.engine("numba")
+    eng.pos_offset = 0
+    rows, all_top, all_lp = [], [], []
+    n_total = sum(len(p[1]) for p in pools)
+    t0, done, dropped = time.perf_counter(), 0, 0
+    for texts, items in pools:
+        index = _pool_index(texts)
+        for it in items:
+            chosen = with_distractors(index, it["question"], it["gold"], refs)
+            ref_texts = [texts[i] for i in chosen]
+            msgs = [{"role": "user", "content": it["question"]}]
+            shown = [texts[it["gold"]]] if teacher == "gold" else ref_texts
+            answer, tops, lps = teacher_answer(model, eng, model.prompt(msgs, shown), max_new, top)
+            done += 1
+            text = tok.decode(answer, skip_special=True).strip()
+            if it["kind"] == "facts" and not keep_wrong and not contains(text, it["answer"]):
+                dropped += 1
+            else:
+                rows.append({"kind": it["kind"], "question": it["question"], "answer": it["answer"],
+                             "teacher": text, "gold": chosen.index(it["gold"]),
+                             "student": model.prompt(msgs), "answer_ids": answer,
+                             "refs": [reference_ids(tok, t, cfg.reference_max_tokens) for t in ref_texts]})
+                all_top.append(tops)
+                all_lp.append(lps)
+            if done % 50 == 0 or done == n_total:
+                rate = done / (time.perf_counter() - t0)
+                progress(f"teacher answers {done}/{n_total} ({rate:.1f}/s, kept {len(rows)}, "
+                         f"{dropped} wrong facts dropped)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, top=np.concatenate(all_top), logp=np.concatenate(all_lp))
+    meta = {"format": DATA_FORMAT, "version": DATA_VERSION, "model": str(model_dir),
+            "fingerprint": model.fingerprint, "weights_sha256": model.files.manifest["weights"]["sha256"],
+            "teacher": teacher, "items": len(rows), "facts_entities": n_facts, "wiki_articles": n_wiki,
+            "refs": refs, "max_new": max_new, "top": top, "dropped": dropped, "seed": seed,
+            "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_bytes(out / TEACHER, buf.getvalue())
+    atomic_write_bytes(out / ITEMS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    atomic_write_bytes(out / META, json.dumps(meta, indent=1).encode())
+    return meta
+
+
+def load(data_dir: str | Path) -> tuple[dict, list[dict], np.ndarray, np.ndarray, np.ndarray]:
+    """(meta, items, offsets [n+1] into the teacher rows, top ids, log-probs) of a prepared folder."""
+    d = Path(data_dir)
+    try:
+        meta = json.loads((d / META).read_text(encoding="utf-8"))
+        items = [json.loads(line) for line in (d / ITEMS).read_text(encoding="utf-8").splitlines()]
+        with np.load(d / TEACHER, allow_pickle=False) as z:
+            top, logp = z["top"], z["logp"]
+    except (OSError, ValueError, KeyError) as e:
+        raise M3Error(f"{d}: not a prepared distillation folder ({type(e).__name__}: {e}); run "
+                      f"python -m converters.distill_data") from None
+    if meta.get("format") != DATA_FORMAT or meta.get("version") != DATA_VERSION:
+        raise M3Error(f"{d}: not distillation data of version {DATA_VERSION}")
+    offsets = np.concatenate([[0], np.cumsum([len(it["answer_ids"]) for it in items])]).astype(np.int64)
+    if offsets[-1] != len(top) or top.shape != logp.shape or len(items) != meta.get("items"):
+        raise M3Error(f"{d}: items.jsonl and teacher.npz do not match; prepare the folder again")
+    return meta, items, offsets, top, logp
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m converters.distill_data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="the model directory (student and teacher)")
+    p.add_argument("--out", required=True, help="the data folder to write")
+    p.add_argument("--facts", type=int, default=1000, help="made-up entities (train split; ~2 questions each)")
+    p.add_argument("--wiki", type=int, default=600, help="held-in Wikipedia articles (2 questions each)")
+    p.add_argument("--refs", type=int, default=3, help="references per question, the gold one included")
+    p.add_argument("--max-new", type=int, default=40, help="teacher answer tokens at most")
+    p.add_argument("--top", type=int, default=64, help="teacher log-probs kept per answer token")
+    p.add_argument("--seed", type=int, help="made-up-facts seed (default the train split's)")
+    p.add_argument("--teacher", choices=("gold", "all"), default="gold",
+                   help="what the RAG teacher reads: the gold reference (default) or all the student's references")
+    a = p.parse_args(argv)
+    try:
+        if a.refs < 1 or a.top < 1 or a.max_new < 1 or a.facts < 0 or a.wiki < 0 or not (a.facts or a.wiki):
+            raise BadArgument("--refs, --top, --max-new must be positive and --facts or --wiki nonzero")
+        meta = prepare(a.model, a.out, a.facts, a.wiki, a.refs, a.max_new, a.top, a.seed, a.teacher,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+    except M3Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Memory adaptation of an imported model: explicit memory of an imported (random) model against the PyTorch
+reference, the adapter file (merged at import = the merged PyTorch model; damage and misfits refused), and
+distillation training (the KL falls; a resumed run equals an uninterrupted one)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("tokenizers")
+
+from clitools import one_line_error, run  # noqa: E402
+from llama_files import write_hf  # noqa: E402
+
+import m3lite  # noqa: E402
+from converters import train as T  # noqa: E402
+from converters.distill import Items, base_model, kl_sum  # noqa: E402
+from converters.distill_data import prepare  # noqa: E402
+from converters.lora import add_lora, lora_modules, merge_lora, save_adapter  # noqa: E402
+from converters.model import Memory, encode_memory, forward_with_memory  # noqa: E402
+from m3lite.adapter import AdapterError, read_adapter  # noqa: E402
+from m3lite.importers import import_model  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A random Hugging Face folder imported with memory at every layer, 4 tokens per KV head."""
+    d = tmp_path_factory.mktemp("distill")
+    write_hf(d / "hf", seed=5)
+    import_model(d / "hf", d / "m", weights="fp32", memory_layers="all", memory_tokens=4)
+    return d
+
+
+def _refs(model, lengths, seed):
+    g = np.random.default_rng(seed)
+    return [[model.ref_id] + g.integers(3, model.cfg.vocab_size, n - 1).tolist() for n in lengths]
+
+
+def _encode(model, refs) -> Memory:
+    T_ = max(len(r) for r in refs)
+    toks = torch.zeros(len(refs), T_, dtype=torch.long)
+    for b, r in enumerate(refs):
+        toks[b, :len(r)] = torch.tensor(r)
+    with torch.no_grad():
+        return encode_memory(model, toks, torch.tensor([len(r) for r in refs]))
+
+
+def test_imported_model_memory_matches_reference(imported):
+    """The engine and the PyTorch reference pick the same tokens with the imported model's own reference marker
+    (not the <ref> id of models trained here), and give the same logits with those memories."""
+    model, files, _ = base_model(imported / "m", T)
+    assert model.ref_id == m3lite.load(imported / "m").tokenizer.ref_id != 4
+    eng = m3lite.load(imported / "m").new_engine()
+    refs = _refs(model, [30, 12, 3, 2], seed=1)
+    want = _encode(model, refs)
+    keys, values, positions, counts = eng.encode_references(refs)
+    np.testing.assert_array_equal(positions, want.positions.numpy())
+    np.testing.assert_array_equal(counts, want.counts.numpy())
+    assert np.abs(keys - want.keys.numpy()).max() < TOL and np.abs(values - want.values.numpy()).max() < TOL
+
+    prompt = np.random.default_rng(2).integers(3, model.cfg.vocab_size, 20).tolist()
+    with torch.no_grad():
+        ref_logits = forward_with_memory(model, torch.tensor([prompt]), want)[0].numpy()
+    rk, rv = eng.ref_kv()
+    eng.reset()
+    eng.pos_offset = model.cfg.reference_max_tokens
+    for li, layer in enumerate(model.cfg.memory_layer_ids):
+        ks = [rk[li]] + [keys[r, li, :, :counts[r, li, 0]] for r in range(len(refs))]
+        vs = [rv[li]] + [values[r, li, :, :counts[r, li, 0]] for r in range(len(refs))]
+        eng.set_prefix(layer, np.concatenate(ks, axis=1), np.concatenate(vs, axis=1))
+    got = eng.prefill(np.array(prompt), all_logits=True)
+    assert np.abs(got - ref_logits).max() < TOL
+    with torch.no_grad():  # the memories matter
+        assert np.abs(ref_logits - forward_with_memory(model, torch.tensor([prompt]), None)[0].numpy()).max() > 1e-2
+
+
+def _random_adapter(imported, path, rank=4, kinds=("wq", "wv", "w2")):
+    model, _, _ = base_model(imported / "m", T)
+    add_lora(model, rank, 8.0, kinds, seed=1)
+    g = torch.Generator().manual_seed(2)
+    for _, _, m in lora_modules(model):
+        m.lora_b.data = torch.randn(m.lora_b.shape, generator=g) * 0.05
+    save_adapter(model, path, rank, 8.0, "random test model", {"method": "test"}, dtype="float32")
+    return model
+
+
+def test_adapter_merged_at_import_equals_merged_reference(imported, tmp_path):
+    model = _random_adapter(imported, tmp_path / "a.safetensors")
+    ids = [5, 17, 42, 99, 3, 250, 7, 8]
+    with torch.no_grad():
+        with_lora = model(torch.tensor([ids]))[0].numpy()
+        merged = merge_lora(model)(torch.tensor([ids]))[0].numpy()
+    assert np.abs(with_lora - merged).max() < TOL
+    out = import_model(imported / "hf", tmp_path / "m", weights="fp32", adapter=tmp_path / "a.safetensors")
+    m = m3lite.load(out["model"])
+    assert np.abs(m.logits(ids) - merged).max() < TOL
+    base = m3lite.load(imported / "m")
+    assert np.abs(base.logits(ids) - merged).max() > 1e-2  # the adapter changed the model
+    # the adapter's memory settings become the model's; the manifest names the adapter; memory is the default mode
+    assert m.config.memory_layer_ids == [0, 1] and m.config.memory_tokens_per_head == 4
+    assert m.files.manifest["adapter"]["sha256"] == read_adapter(tmp_path / "a.safetensors").meta["sha256"]
+    assert m.bank_mode == "memory" and base.bank_mode == "rag"
+    assert m.fingerprint != base.fingerprint  # a bank built by the base model is refused by the adapted one
+
+
+def test_damaged_or_foreign_adapter_refused(imported, tmp_path):
+    path = tmp_path / "a.safetensors"
+    _random_adapter(imported, path)
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(AdapterError, match="damaged"):
+        read_adapter(tmp_path / "bad.safetensors")
+    hf_weights = next((imported / "hf").glob("*.safetensors"))
+    with pytest.raises(AdapterError, match="not an m3lite adapter"):
+        read_adapter(hf_weights)
+    (tmp_path / "short.safetensors").write_bytes(bytes(raw[:20]))
+    with pytest.raises(AdapterError):
+        read_adapter(tmp_path / "short.safetensors")
+    # CLI: one line, exit 2, nothing written
+    for bad, what in ((tmp_path / "bad.safetensors", "damaged"), (hf_weights, "not an m3lite adapter")):
+        line = one_line_error(run("import", imported / "hf", "--out", tmp_path / "out", "--adapter", bad,
+                                  check=False))
+        assert what in line and not (tmp_path / "out").exists()
+    line = one_line_error(run("import", imported / "hf", "--out", tmp_path / "out", "--adapter", path,
+                              "--memory-layers", "half", check=False))
+    assert "adapter brings its own memory settings" in line
+    # an adapter for another shape
+    meta = read_adapter(path).meta
+    other = dict(meta, base=dict(meta["base"], dim=meta["base"]["dim"] * 2))
+    from m3lite.adapter import write_adapter
+
+    write_adapter(tmp_path / "other.safetensors", read_adapter(path).pairs, other, dtype="float32")
+    line = one_line_error(run("import", imported / "hf", "--out", tmp_path / "out", "--adapter",
+                              tmp_path / "other.safetensors", check=False))
+    assert "trained for a model with dim" in line and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def distill_data(imported):
+    prepare(imported / "m", imported / "data", n_facts=8, n_wiki=0, refs=3, max_new=4, top=8, keep_wrong=True,
+            progress=lambda m: None)
+    return imported / "data"
+
+
+def _train(imported, data, out, *extra):
+    args = ["--model", str(imported / "m"), "--data", str(data), "--out", str(out), "--steps", "6", "--batch", "2",
+            "--lr", "1e-2", "--rank", "4", "--eval-every", "6", "--eval-items", "4", "--save-every", "3"]
+    return T.main(["--stage", "distill", *args, *extra])
+
+
+def test_distillation_lowers_kl_and_resumes_exactly(imported, distill_data, tmp_path):
+    assert _train(imported, distill_data, tmp_path / "a") == 0
+    assert len(T._rows(tmp_path / "a" / T.EVAL_CSV)) == 2  # step 0 and the end
+    # the KL over the training items, without the adapter and with the trained one
+    model, files, _ = base_model(imported / "m", T)
+    items = Items(str(distill_data), files, T)
+    add_lora(model, 4, 32.0)
+    batch = items.batch(items.train_ids, model, torch.device("cpu"))
+    with torch.no_grad():
+        before = kl_sum(model, batch, False)[0].item()
+        trained = read_adapter(tmp_path / "a" / "adapter.safetensors")
+        for kind, layer, m in lora_modules(model):
+            m.lora_a.data, m.lora_b.data = (torch.from_numpy(x) for x in trained.pairs[(kind, layer)])
+        after = kl_sum(model, batch, False)[0].item()
+    assert after < 0.8 * before
+    losses = [float(r["loss"]) for r in T._rows(tmp_path / "a" / T.LOSS_CSV)]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    # stopped at step 3 and resumed: the same adapter bit for bit, the same loss log
+    assert _train(imported, distill_data, tmp_path / "b", "--stop-at", "3") == 0
+    assert T.main(["--resume", "--out", str(tmp_path / "b")]) == 0
+    a, b = read_adapter(tmp_path / "a" / "adapter.safetensors"), read_adapter(tmp_path / "b" / "adapter.safetensors")
+    assert a.pairs.keys() == b.pairs.keys()
+    for k in a.pairs:
+        np.testing.assert_array_equal(a.pairs[k][0], b.pairs[k][0])
+        np.testing.assert_array_equal(a.pairs[k][1], b.pairs[k][1])
+    assert [r["loss"] for r in T._rows(tmp_path / "b" / T.LOSS_CSV)] == [f"{x:.7f}" for x in losses]
+    # a resumed run keeps its settings
+    assert T.main(["--resume", "--out", str(tmp_path / "b"), "--rank", "8"]) == 2
+    run_json = json.loads((tmp_path / "a" / T.RUN_JSON).read_text())
+    assert run_json["stage"] == "distill" and run_json["rank"] == 4
+
+
+def test_distill_needs_matching_data(imported, distill_data, tmp_path):
+    write_hf(tmp_path / "hf2", seed=9)
+    import_model(tmp_path / "hf2", tmp_path / "m2", weights="fp32")
+    rc = T.main(["--stage", "distill", "--model", str(tmp_path / "m2"), "--data", str(distill_data),
+                 "--out", str(tmp_path / "r"), "--steps", "2"])
+    assert rc == 2
