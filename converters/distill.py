@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from m3lite.adapter import KINDS
 from m3lite.modelfile import ModelFiles, atomic_write_bytes

