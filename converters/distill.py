@@ -43,7 +43,7 @@ RUN_FIELDS = ("model", "data", "steps", "batch", "lr", "min_lr", "warmup_steps",
               "rank", "alpha", "kinds", "memory_grad", "grad_clip", "seed", "eval_every", "eval_items")
 DEFAULTS = dict(steps=600, batch=4, lr=5e-4, schedule="cosine", decay_frac=0.2, rank=16, alpha=32.0,
                 kinds=",".join(KINDS), memory_grad="on", grad_clip=1.0, seed=0, eval_every=50, eval_items=32,
-                save_every=50, log_every=10, stop_at=None, device="auto", bf16="auto")
+                save_every=50, log_every=10, stop_at=None, device="auto", bf16="auto", retrieval_top_k=None)
 EVAL_EVERY_NTH = 20  # item i with i % 20 == 0 is held out of training for the evaluation loss
 
 
@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--alpha", type=float, help="distill: LoRA alpha; updates are scaled by alpha/rank (default 32)")
     a("--kinds", help="distill: weights that get LoRA, comma-separated (default wq,wk,wv,wo,w1,w3,w2)")
     a("--eval-items", type=int, help="distill: held-out items in each evaluation (default 32)")
+    a("--retrieval-top-k", type=int, help="distill: references per retrieval the adapted model should read, "
+                                          "written into the adapter (the model takes it at import; default: "
+                                          "the model's own)")
     a("--memory-grad", choices=("on", "off"), help="distill: let gradients reach the adapter through the "
                                                    "memories' keys and values (default on)")
 
@@ -67,7 +70,7 @@ def resolve(args: argparse.Namespace, saved: dict | None, parent) -> dict:
                 raise parent.TrainError(f"--{k.replace('_', '-')} {given[k]} differs from this run's "
                                         f"{saved.get(k)}; a resumed run keeps its settings")
         s = dict(saved)
-        for k in ("stop_at", "save_every", "log_every", "device", "bf16"):
+        for k in ("stop_at", "save_every", "log_every", "device", "bf16", "retrieval_top_k"):
             s[k] = given.get(k, DEFAULTS[k] if k == "stop_at" else saved.get(k, DEFAULTS[k]))
         return s
     if "model" not in given or "data" not in given:
@@ -240,7 +243,8 @@ def run(args: argparse.Namespace, parent) -> int:
             save_adapter(model, run_dir / ADAPTER, s["rank"], s["alpha"], base_name, {
                 "method": "distillation from RAG (KL on the teacher's answer tokens)", "data": data.meta,
                 "steps": step, "batch": s["batch"], "lr": s["lr"], "kinds": s["kinds"],
-                "memory_grad": s["memory_grad"], "seconds": round(elapsed, 1)})
+                "memory_grad": s["memory_grad"], "seconds": round(elapsed, 1)},
+                retrieval_top_k=s.get("retrieval_top_k"))
             parent.write_chart(run_dir)
         proc.barrier()
 

@@ -94,10 +94,10 @@ def adapter_pairs(model: Transformer) -> dict[tuple[str, int], tuple[np.ndarray,
 
 
 def save_adapter(model: Transformer, path, rank: int, alpha: float, base_name: str, training: dict,
-                 dtype: str = "float16") -> str:
+                 dtype: str = "float16", retrieval_top_k: int | None = None) -> str:
     cfg = model.cfg
     meta = {"rank": rank, "alpha": alpha, "memory_layers": cfg.memory_layer_ids,
-            "memory_tokens_per_head": cfg.memory_tokens_per_head,
+            "memory_tokens_per_head": cfg.memory_tokens_per_head, "retrieval_top_k": retrieval_top_k,
             "base": {**{f: getattr(cfg, f) for f in SHAPE_FIELDS}, "name": base_name}, "training": training}
     return write_adapter(path, adapter_pairs(model), meta, dtype=dtype)
 

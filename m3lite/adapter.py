@@ -6,8 +6,9 @@ An adapter is one `.safetensors` file (readable by any safetensors tool):
   (alpha / rank) * lora_b @ lora_a;
 - its header's `__metadata__["m3lite"]`: JSON with format, version, rank, alpha, the base model's shape
   (`base`: n_layers, dim, n_heads, n_kv_heads, ffn_dim, vocab_size and a free-text name), the explicit-memory
-  settings it was trained for (memory_layers, memory_tokens_per_head), how it was trained (`training`, free
-  form) and the sha256 of the data section, so a damaged file is refused before any weight is touched.
+  settings it was trained for (memory_layers, memory_tokens_per_head; optionally retrieval_top_k, the
+  references retrieved per question or chunk the adapted model reads best), how it was trained (`training`,
+  free form) and the sha256 of the data section, so a damaged file is refused before any weight is touched.
 
 The adapter is merged into the float32 weights when a model is imported (`m3lite import SRC --adapter FILE`,
 and `m3lite pull` for the default model), before the weights are stored as float16 and quantised to int8: the
@@ -79,9 +80,12 @@ class Adapter:
                                    f"needs [rank, {inp}] and [{out}, rank]")
 
     def settings(self, cfg: ModelConfig) -> ModelConfig:
-        """`cfg` with the adapter's explicit-memory settings."""
-        return dataclasses.replace(cfg, memory_layers=list(self.meta["memory_layers"]),
-                                   memory_tokens_per_head=int(self.meta["memory_tokens_per_head"]))
+        """`cfg` with the adapter's explicit-memory settings (and its references per retrieval, when given)."""
+        cfg = dataclasses.replace(cfg, memory_layers=list(self.meta["memory_layers"]),
+                                  memory_tokens_per_head=int(self.meta["memory_tokens_per_head"]))
+        if self.meta.get("retrieval_top_k"):
+            cfg = dataclasses.replace(cfg, retrieval_top_k=int(self.meta["retrieval_top_k"]))
+        return cfg
 
     def merged(self, weights: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         """The stacked weights with the adapter added (each tensor read and merged when asked for)."""
@@ -92,7 +96,8 @@ class Adapter:
         return {"file": self.path.name, "sha256": self.meta["sha256"], "rank": self.meta["rank"],
                 "alpha": self.meta["alpha"], "memory_layers": self.meta["memory_layers"],
                 "memory_tokens_per_head": self.meta["memory_tokens_per_head"],
-                "base": self.meta["base"].get("name", ""), "training": self.meta.get("training", {})}
+                "retrieval_top_k": self.meta.get("retrieval_top_k"), "base": self.meta["base"].get("name", ""),
+                "training": self.meta.get("training", {})}
 
 
 class _Merged(Mapping):
@@ -166,10 +171,11 @@ def _header(path: Path) -> tuple[dict, dict, int, int]:
         rank, alpha = int(meta["rank"]), float(meta["alpha"])
         layers = [int(i) for i in meta["memory_layers"]]
         int(meta["memory_tokens_per_head"])
+        top = int(meta.get("retrieval_top_k") or 1)
         {f: int(meta["base"][f]) for f in SHAPE_FIELDS}
     except (KeyError, TypeError, ValueError):
         raise AdapterError(f"{path}: adapter metadata is incomplete") from None
-    if rank <= 0 or not np.isfinite(alpha) or not layers:
+    if rank <= 0 or not np.isfinite(alpha) or not layers or top < 1:
         raise AdapterError(f"{path}: adapter metadata is invalid (rank {rank}, alpha {alpha})")
     return header, meta, base, size
 

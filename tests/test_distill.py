@@ -84,7 +84,8 @@ def _random_adapter(imported, path, rank=4, kinds=("wq", "wv", "w2")):
     g = torch.Generator().manual_seed(2)
     for _, _, m in lora_modules(model):
         m.lora_b.data = torch.randn(m.lora_b.shape, generator=g) * 0.05
-    save_adapter(model, path, rank, 8.0, "random test model", {"method": "test"}, dtype="float32")
+    save_adapter(model, path, rank, 8.0, "random test model", {"method": "test"}, dtype="float32",
+                 retrieval_top_k=2)
     return model
 
 
@@ -102,6 +103,7 @@ def test_adapter_merged_at_import_equals_merged_reference(imported, tmp_path):
     assert np.abs(base.logits(ids) - merged).max() > 1e-2  # the adapter changed the model
     # the adapter's memory settings become the model's; the manifest names the adapter; memory is the default mode
     assert m.config.memory_layer_ids == [0, 1] and m.config.memory_tokens_per_head == 4
+    assert m.config.retrieval_top_k == 2  # the adapter's references per retrieval
     assert m.files.manifest["adapter"]["sha256"] == read_adapter(tmp_path / "a.safetensors").meta["sha256"]
     assert m.bank_mode == "memory" and base.bank_mode == "rag"
     assert m.fingerprint != base.fingerprint  # a bank built by the base model is refused by the adapted one
@@ -191,3 +193,13 @@ def test_distill_needs_matching_data(imported, distill_data, tmp_path):
     rc = T.main(["--stage", "distill", "--model", str(tmp_path / "m2"), "--data", str(distill_data),
                  "--out", str(tmp_path / "r"), "--steps", "2"])
     assert rc == 2
+
+
+def test_bank_built_with_other_memory_settings_refused(imported, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("Zorbel Quint keeps the lighthouse on Varra. He was born in 1931 in Helmsby.\n")
+    run("bank", "build", notes, "--out", tmp_path / "bank", "--model", imported / "m", "--json")
+    import_model(imported / "hf", tmp_path / "half8", weights="fp32", memory_layers="half", memory_tokens=8)
+    line = one_line_error(run("ask", "Where was Zorbel Quint born?", "--model", tmp_path / "half8", "--bank",
+                              tmp_path / "bank", "--mode", "memory", "-n", "2", check=False))
+    assert "built for another model" in line and "rebuild" in line

@@ -240,8 +240,10 @@ def test_eval_qa_file_json_and_bad_lines(evalbank, tmp_path):
                           "--json").stdout)
     assert only["modes"] == {} and only["recall_at_5"] == res["recall_at_5"]
     mem = json.loads(run("eval", "--model", model_dir, "--bank", bank_dir, "--qa", qa, "--modes", "memory",
-                         "--max-tokens", 2, "--json").stdout)
-    assert set(mem["modes"]) == {"memory"}
+                         "--max-tokens", 2, "--refs", 1, "--json").stdout)
+    assert set(mem["modes"]) == {"memory"} and mem["refs"] == 1 and res["refs"] == 5
+    assert "references per question must be 1..5" in one_line_error(
+        run("eval", "--model", model_dir, "--bank", bank_dir, "--qa", qa, "--refs", 6, check=False))
     assert "--modes" in one_line_error(run("eval", "--model", model_dir, "--bank", bank_dir, "--qa", qa,
                                            "--modes", "memory,telepathy", check=False))
     for bad, line in (("{not json", 2), ('{"question": "x"}', 2), ('[1, 2]', 2)):
