@@ -395,7 +395,7 @@ def _check_references(cfg: ModelConfig, ref_tokens: torch.Tensor, lengths: torch
         raise ValueError(f"reference lengths must be in 1..{min(T, cfg.reference_max_tokens)} (<ref> included; "
                          f"T={T}, reference_max_tokens={cfg.reference_max_tokens})")
     if bool((ref_tokens[:, 0] != ref_id).any()):
-        raise ValueError(f"every reference must start with the reference marker (id {ref_id})")
+        raise ValueError(f"every reference must start with the <ref> marker (id {ref_id})")
 
 
 def encode_memory(model: Transformer, ref_tokens: torch.Tensor, lengths: torch.Tensor) -> Memory:

@@ -49,7 +49,7 @@ from .model import Transformer, encode_memory, forward_with_memory_parallel, fro
 from m3lite.plot import loss_chart
 from .tokenizer import PAD
 
-STAGES = ("warmup", "memory", "sft", "distill")
+STAGES = ("warmup", "memory", "sft")  # the pipeline of models trained here; "distill" adapts imported ones
 CKPT, RUN_JSON, TOKENIZER = "checkpoint.pt", "run.json", "tokenizer.model"
 LOSS_CSV, EVAL_CSV, LOSS_PNG, LOG = "loss.csv", "eval.csv", "loss.png", "train.log"
 CKPT_FORMAT, CKPT_VERSION = "m3lite-train", 1
@@ -77,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="Also: python -m converters.train export RUN_DIR --out DIR "
                                        "[--dtype float32|float16]")
     a = p.add_argument
-    a("--stage", choices=STAGES, help="warmup (plain LM), memory (continual train with memory), sft, distill "
-                                      "(a LoRA memory adapter for an imported model: converters/distill.py)")
+    a("--stage", choices=STAGES + ("distill",),
+      help="warmup (plain LM), memory (continual train with memory), sft, distill (a LoRA memory adapter for an "
+           "imported model: converters/distill.py)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="start from a model directory or a run directory (its checkpoint)")
     src.add_argument("--preset", choices=list(PRESETS), help="start from a fresh random model of this shape")
