@@ -25,7 +25,7 @@ def test_default_bank_built_once_then_reused(tiny_model_dir, tmp_path):
     assert second.returncode == 0, second.stderr
     assert "building the default bank" not in second.stderr and "Sources:" in second.stdout
     info = json.loads(run("bank", "info", banks[0], "--json", env=env, check=False).stdout)
-    assert info["documents"] == 2
+    assert info["documents"] == 2 and info["quantization"] == "int4"  # the default bank stores int4 memories
 
 
 def test_model_without_bank_needs_a_bank(tiny_model_dir, tmp_path):
