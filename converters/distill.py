@@ -268,11 +268,7 @@ def run(args: argparse.Namespace, parent) -> int:
         with parent._autocast(proc.device, bf16):
             kl, n = kl_sum(model, batch, memory_grad)
         (kl / n_all).backward()
-        parent.sync_grads(params, proc)
-        if s["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(params, s["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        parent.optimizer_step(opt, params, proc, s["grad_clip"])
         step += 1
         tokens += n_all
         loss = proc.sum([float(kl.detach())])[0] / n_all

