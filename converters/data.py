@@ -23,11 +23,10 @@ import numpy as np
 
 from m3lite.errors import BadArgument
 from m3lite.retrieval import BM25
-from m3lite.heldout import HELD_OUT_BUCKETS, QASample, first_sentence, is_held_out, qa_samples  # noqa: F401
-from m3lite.memory import qa_prompt
+from m3lite.heldout import QASample, is_held_out, qa_samples
+from m3lite.chat_template import qa_prompt
 from m3lite.modelfile import atomic_write_bytes, cache_dir, sha256_file
-from m3lite.sources import (Document, chunk_document, iter_documents, wiki_articles, wiki_file,  # noqa: F401
-                            wiki_folder)
+from m3lite.sources import Document, chunk_document, iter_documents, wiki_articles, wiki_file
 
 from .tokenizer import BOS, EOS, N_SPECIAL, PAD, TRAINER_VERSION, corpus_at_hand, corpus_id, train_tokenizer
 

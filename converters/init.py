@@ -20,7 +20,7 @@ from m3lite.config import PRESETS, ModelConfig
 from m3lite.errors import M3Error
 from m3lite.modelfile import FLOAT_DTYPES, tensor_shapes
 
-from .random_init import INIT_STD, MATRIX_KINDS, fill_random, init_order  # noqa: F401  (re-exported)
+from .random_init import fill_random
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:

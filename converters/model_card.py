@@ -113,7 +113,7 @@ def card(runs: Path, model_dir: Path, res: dict | None, chart_name: str = CHART)
         f"- memory: layers {list(cfg.memory_layer_ids)}, {cfg.memory_tokens_per_head} tokens per key-value head "
         f"per reference, references of at most {cfg.reference_max_tokens} tokens, retrieval every "
         f"{cfg.retrieval_interval} tokens, top {cfg.retrieval_top_k}",
-        f"- files: " + ", ".join(f"`{n}` {v / 1e6:.2f} MB" for n, v in files.items())
+        "- files: " + ", ".join(f"`{n}` {v / 1e6:.2f} MB" for n, v in files.items())
         + f"; {sum(files.values()) / 1e6:.1f} MB in all; weights stored as "
         f"{'/'.join(sorted({t['dtype'] for t in conf['weights']['tensors'].values()}))}; "
         f"{sum(_numel(t['shape']) for t in conf['weights']['tensors'].values()):,} parameters", "",

@@ -24,8 +24,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .bank import Bank
-from .errors import BadArgument, BusyError, M3Error
-from .generate import DEFAULTS, GenerationResult, SamplingParams, stream as _stream
+from .errors import BadArgument, BusyError, M3Error, another_model
+from .generate import GenerationResult, stream as _stream
+from .params import ANSWER, SamplingParams
 from .chat_template import rag_context, with_references
 from .memory import MemorySession, check_mode
 from .modelfile import atomic_write_bytes
@@ -59,45 +60,6 @@ def reference_summary(r: dict) -> dict:
     return {k: r[k] for k in ("id", "doc_id", "source", "title", "text", "score", "attention") if k in r}
 
 
-# ---- the engine state a conversation keeps (uses the Engine's cache layout; see m3lite.engine) ----------------
-
-def _truncate(eng, n_past: int) -> None:
-    """Keep the first `n_past` context tokens. Attention is causal, so their keys/values do not depend on the
-    dropped ones: the next prefill/decode continues as if those had never been added."""
-    if not 0 <= n_past <= eng.n_past:
-        raise BadArgument(f"cannot keep {n_past} context tokens: the cache holds {eng.n_past}")
-    eng._n_past = int(n_past)
-
-
-def _snapshot(eng) -> dict[str, np.ndarray]:
-    """Copies of what a conversation needs to resume: the cache slots in use (memories, then context), each
-    layer's attention start, pos_offset and n_past."""
-    end = eng.prefix_capacity + eng.n_past
-    return {"k": eng.k_cache[:, :, :end].copy(), "v": eng.v_cache[:, :, :end].copy(),
-            "attn_start": eng.attn_start.copy(), "pos_offset": np.array(eng.pos_offset, np.int64),
-            "n_past": np.array(eng.n_past, np.int64), "prefix_capacity": np.array(eng.prefix_capacity, np.int64)}
-
-
-def _restore(eng, state: dict[str, np.ndarray]) -> None:
-    """Put a `_snapshot` back (into an engine of the same shape)."""
-    k, v = np.asarray(state["k"], np.float32), np.asarray(state["v"], np.float32)
-    start = np.asarray(state["attn_start"], np.int64)
-    n_past, off, prefix = int(state["n_past"]), int(state["pos_offset"]), int(state["prefix_capacity"])
-    L, G, _, hd = eng.k_cache.shape
-    end = prefix + n_past
-    if (prefix != eng.prefix_capacity or k.shape != (L, G, end, hd) or v.shape != k.shape
-            or start.shape != eng.attn_start.shape or not 0 <= n_past <= eng.max_ctx or off < 0
-            or start.min(initial=prefix) < 0 or start.max(initial=prefix) > prefix):
-        raise BadArgument(f"its KV state has another shape than this model's ({L} layers, {G} KV heads, "
-                          f"{eng.prefix_capacity} memory slots, {eng.max_ctx} context tokens)")
-    eng.reset()
-    eng.k_cache[:, :, :end] = k
-    eng.v_cache[:, :, :end] = v
-    eng.attn_start[...] = start
-    eng.pos_offset = off
-    eng._n_past = n_past
-
-
 class Chat:
     """A conversation with `model`, optionally over a `bank` (an `m3lite.Bank` or its path).
 
@@ -110,9 +72,9 @@ class Chat:
     Cancel an answer from any thread with `send(..., cancel=event.is_set)` and `event.set()`.
     """
 
-    def __init__(self, model, bank=None, mode: str | None = None, *, system: str = "", max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p,
-                 repetition_penalty: float = DEFAULTS.repetition_penalty,
+    def __init__(self, model, bank=None, mode: str | None = None, *, system: str = "", max_new_tokens: int = ANSWER.max_new_tokens,
+                 temperature: float = ANSWER.temperature, top_k: int = ANSWER.top_k, top_p: float = ANSWER.top_p,
+                 repetition_penalty: float = ANSWER.repetition_penalty,
                  seed: int | None = None, retriever: str = "hybrid"):
         from .retrieval import check_retriever
 
@@ -273,7 +235,7 @@ class Chat:
             if plan[0] != self._epoch:  # the conversation moved on since send() planned this turn
                 plan = self._plan(question, found, session, reserve, result)
             _, ids, keep, texts, drop = plan
-            _truncate(eng, keep)
+            eng.truncate(keep)
             if keep == 0:
                 eng.reset()
             self._ids = self._ids[:keep]
@@ -309,7 +271,7 @@ class Chat:
         eng = self.engine
         self._epoch += 1
         if eng.n_past < base + len(seg):  # the prompt never entered the cache (an error in the prefill)
-            _truncate(eng, min(base, eng.n_past))
+            eng.truncate(min(base, eng.n_past))
             self._ids = self._ids[:eng.n_past]
             return
         keep = eng.n_past - base - len(seg)  # generated tokens whose keys/values are in the cache
@@ -342,7 +304,7 @@ class Chat:
                 "bank_fingerprint": self.bank.fingerprint if self.bank is not None else None,
                 "settings": {k: getattr(self, k) for k in SETTINGS}, "system": self.system,
                 "turns": [asdict(t) for t in self.turns]}
-        arrays = dict(_snapshot(self.engine), ids=np.asarray(self._ids, np.int32),
+        arrays = dict(self.engine.snapshot(), ids=np.asarray(self._ids, np.int32),
                       meta=np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8))
         buf = io.BytesIO()
         np.savez(buf, **arrays)
@@ -371,8 +333,8 @@ class Chat:
         if not ok or meta.get("version") != VERSION:
             raise ChatFileError(f"{p} is not a saved m3lite conversation (format {FORMAT} v{VERSION})")
         if meta.get("model") != model.fingerprint:
-            raise ChatFileError(f"{p} was saved with another model (fingerprint {meta.get('model')}, this model is "
-                                f"{model.fingerprint}): load it with that model")
+            raise ChatFileError(another_model(f"the conversation {p}", meta.get("model"), model.fingerprint,
+                                              "load it with that model"))
         if bank is None and meta.get("bank"):
             if not Bank.exists(meta["bank"]):
                 raise ChatFileError(f"{p} was saved with the bank {meta['bank']}, which is gone: give another "
@@ -387,7 +349,7 @@ class Chat:
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ChatFileError(f"{p} is damaged: {e}") from None
         try:
-            _restore(chat.engine, arrays)
+            chat.engine.restore(arrays)
         except (KeyError, TypeError, ValueError) as e:
             raise ChatFileError(f"{p} is damaged: {e}") from None
         except BadArgument as e:

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from .chat import Chat
+from .display import reference_lines
 from .errors import BadArgument, M3Error
 
 PROMPT = ">>> "
@@ -26,12 +27,6 @@ HELP = """commands:
 # model output is printed raw: keep control characters (escape sequences, backspaces) from reaching the terminal
 _CONTROLS = {c: "\ufffd" for c in [*range(0, 9), *range(11, 32), 127, *range(0x80, 0xA0)]}
 
-
-
-def snippet(text: str, n: int = 160) -> str:
-    """A reference's text on one line, cut to `n` characters (what `ask`, `bank search` and `chat` print)."""
-    t = " ".join(text.split())
-    return t if len(t) <= n else t[: n - 1] + "\u2026"
 
 class Terminal:
     """Output with colour only on a terminal, and never with NO_COLOR set."""
@@ -172,9 +167,9 @@ class Session:
     def show_sources(self, refs: list[dict]) -> None:
         self.term.line("Sources:", "1")
         for n, r in enumerate(refs, 1):
-            share = f", {100 * r['attention']:.1f}% of the attention" if "attention" in r else ""
-            self.term.line(f"  [{n}] {r['title']} ({r['doc_id']}, score {r['score']:.3f}{share})")
-            self.term.line(f"      {snippet(r['text'])}".translate(_CONTROLS), "2")
+            head, text = reference_lines(n, r)
+            self.term.line(f"  {head}".translate(_CONTROLS))
+            self.term.line(f"      {text}".translate(_CONTROLS), "2")
 
     # ---- slash commands ------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import typer
 
 from . import __version__
 from .errors import M3Error
-from .params import DEFAULTS
+from .params import ANSWER, DEFAULTS
 
 app = typer.Typer(
     help="m3lite: run small language models with explicit memory on your CPU.",
@@ -64,7 +64,7 @@ WEIGHTS_HELP = ("fp32, or int8 (Q8_0 blocks; quantized once and cached, see `m3l
 def generate(
     prompt: str = typer.Argument(..., help="The text to continue."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate."),
+    max_tokens: int = typer.Option(DEFAULTS.max_new_tokens, "--max-tokens", "-n", help="Most tokens to generate."),
     temperature: float = typer.Option(DEFAULTS.temperature, help="Sampling temperature; 0 is greedy."),
     top_k: int = typer.Option(DEFAULTS.top_k, help="Sample among the K most likely tokens; 0 disables."),
     top_p: float = typer.Option(DEFAULTS.top_p, help="Nucleus sampling: smallest set with this total probability."),
@@ -139,7 +139,7 @@ def quantize(
 ) -> None:
     """Store int8 weights (blocks of 32 with a float16 scale, llama.cpp's Q8_0) in a model directory, which then
     runs int8 by default (`--weights fp32` still runs the float weights)."""
-    from .quantize import quantize_model
+    from .int8_weights import quantize_model
 
     d = quantize_model(_model_dir(model), out)
     if as_json:
@@ -389,19 +389,13 @@ def bank_search(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
 ) -> None:
     """Find the references of a bank that best match QUERY, as ask, chat and serve retrieve them."""
-    from .memory import MemorySession, open_bank
+    from .memory import open_bank, search_bank
     from .model import Model, check_question
 
     check_question(query)
     m = Model.load(_model_dir(model))
-    s = MemorySession(m, open_bank(bank, m), mode="rag", top_k=k, retriever=retriever)
-    refs = []
-    for i, score in s.retrieve(query):
-        r = s.bank.reference(i)
-        r["document"] = r["doc_id"]
-        r["score"] = round(score, 4)
-        r["retriever"] = retriever
-        refs.append(r)
+    refs = [dict(r, document=r["doc_id"], retriever=retriever)
+            for r in search_bank(m, open_bank(bank, m), query, k, retriever)]
     if as_json:
         _echo_json(refs)
         return
@@ -410,11 +404,11 @@ def bank_search(
 
 
 def _print_reference(n: int, r: dict) -> None:
-    from .chat_cli import snippet
+    from .display import reference_lines
 
-    att = f", attention {100 * r['attention']:.1f}%" if "attention" in r else ""
-    typer.echo(f"[{n}] {r['title']} ({r['doc_id']}) score {r['score']:.3f}{att}")
-    typer.echo(f"    {snippet(r['text'])}")
+    head, text = reference_lines(n, r)
+    typer.echo(head)
+    typer.echo(f"    {text}")
 
 
 def _default_bank(m, model_option: Optional[Path], quiet: bool) -> Path:
@@ -442,8 +436,8 @@ def ask(
                                        "none; default: the model's (memory for the default model, models "
                                        "trained here and imported ones with a memory adapter; rag for other "
                                        "imported ones)."),
-    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens in the answer."),
-    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 (default) is greedy."),
+    max_tokens: int = typer.Option(ANSWER.max_new_tokens, "--max-tokens", "-n", help="Most tokens in the answer."),
+    temperature: float = typer.Option(ANSWER.temperature, help="Sampling temperature; 0 (default) is greedy."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     retriever: str = typer.Option("hybrid", "--retriever", "-r", help=RETRIEVER_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print answer, references and timings as JSON."),
@@ -515,8 +509,9 @@ def chat(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     bank: Optional[Path] = typer.Option(None, "--bank", "-b", help=CHAT_BANK_HELP),
     mode: Optional[str] = typer.Option(None, help=MODE_HELP),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Most tokens in an answer (/max)."),
-    temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0 is greedy (/temp)."),
+    max_tokens: int = typer.Option(ANSWER.max_new_tokens, "--max-tokens", "-n", min=1,
+                                   help="Most tokens in an answer (/max)."),
+    temperature: float = typer.Option(ANSWER.temperature, min=0.0, help="Sampling temperature; 0 is greedy (/temp)."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     retriever: str = typer.Option("hybrid", "--retriever", "-r", help=RETRIEVER_HELP),
 ) -> None:
@@ -611,7 +606,7 @@ def bench(
     """Measure m3lite against llama.cpp, onnxruntime and PyTorch on the same weights: prefill and decode
     tokens/s, time to first token, peak RSS, memory/rag modes and the memory-bandwidth roofline. Each runtime
     runs in its own process; the ones not installed are reported as skipped. Run it on a quiet machine."""
-    from .bench import check_report_path, markdown_table, run_bench, write_report
+    from m3bench.bench import check_report_path, markdown_table, run_bench, write_report
 
     if report is not None:
         check_report_path(report)  # a bad path fails now, not after the run

@@ -3,7 +3,7 @@
 The state is spelled out like llama2.c's RunState: weights, the KV cache and every scratch buffer are set up
 once in `Engine.__init__`. The math is float32. Float32 weights are read-only views of the memory-mapped model
 file, never copied; float16 weights (a model exported with dtype="float16") are widened to float32 once, at
-load, into a private copy: float16 files save disk, not RAM. With int8 weights (`m3lite.quantize`, llama.cpp's
+load, into a private copy: float16 files save disk, not RAM. With int8 weights (`m3lite.int8_weights`, llama.cpp's
 Q8_0 blocks) every projection and the output head run the int8 kernels of `kernels.q8` instead, in decode
 (integer dot products) and in prefill / reference encoding (the same int8 x int8 function as fp32 GEMMs over
 dequantized tiles); embeddings and norms stay float.
@@ -164,7 +164,7 @@ class Engine:
     `ModelFiles.weights` (names and shapes of `tensor_shapes(cfg)`): float32 arrays are used in place (zero
     copy), float16 ones are widened to a float32 copy here (exact; it costs the float32 size in RAM);
     max_ctx defaults to cfg.max_seq_len context tokens; prefix_capacity reserves cache slots for explicit
-    memories. q8 (optional, `m3lite.quantize.Q8Weights.tensors`): int8 weights {name: (values int8 [..., n, kp],
+    memories. q8 (optional, `m3lite.int8_weights.Q8Weights.tensors`): int8 weights {name: (values int8 [..., n, kp],
     scales [..., n, kp / 32])} for the projections and "output" (the head), run instead of the float ones,
     which are then neither read nor copied.
     Context token i sits at RoPE position `pos_offset + i` (`pos_offset` is a plain attribute, default 0).
@@ -306,6 +306,41 @@ class Engine:
         left as it is)."""
         self._n_past = 0
         self.clear_prefix()
+
+    def truncate(self, n_past: int) -> None:
+        """Keep the first `n_past` context tokens. Attention is causal, so their keys/values do not depend on the
+        dropped ones: the next prefill/decode continues as if those had never been added."""
+        if not 0 <= n_past <= self._n_past:
+            raise BadArgument(f"cannot keep {n_past} context tokens: the cache holds {self._n_past}")
+        self._n_past = int(n_past)
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Copies of what resuming needs: the cache slots in use (memories, then context), each layer's
+        attention start, pos_offset and n_past (arrays, so a conversation file can hold them)."""
+        end = self.prefix_capacity + self._n_past
+        return {"k": self.k_cache[:, :, :end].copy(), "v": self.v_cache[:, :, :end].copy(),
+                "attn_start": self.attn_start.copy(), "pos_offset": np.array(self.pos_offset, np.int64),
+                "n_past": np.array(self._n_past, np.int64),
+                "prefix_capacity": np.array(self.prefix_capacity, np.int64)}
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Put a `snapshot` back (taken from an engine of the same shape); BadArgument when it does not fit."""
+        k, v = np.asarray(state["k"], np.float32), np.asarray(state["v"], np.float32)
+        start = np.asarray(state["attn_start"], np.int64)
+        n_past, off, prefix = int(state["n_past"]), int(state["pos_offset"]), int(state["prefix_capacity"])
+        L, G, _, hd = self.k_cache.shape
+        end = prefix + n_past
+        if (prefix != self.prefix_capacity or k.shape != (L, G, end, hd) or v.shape != k.shape
+                or start.shape != self.attn_start.shape or not 0 <= n_past <= self.max_ctx or off < 0
+                or start.min(initial=prefix) < 0 or start.max(initial=prefix) > prefix):
+            raise BadArgument(f"its KV state has another shape than this model's ({L} layers, {G} KV heads, "
+                              f"{self.prefix_capacity} memory slots, {self.max_ctx} context tokens)")
+        self.reset()
+        self.k_cache[:, :, :end] = k
+        self.v_cache[:, :, :end] = v
+        self.attn_start[...] = start
+        self.pos_offset = off
+        self._n_past = n_past
 
     def set_prefix(self, layer: int, k: np.ndarray, v: np.ndarray, counts=None) -> None:
         """Put explicit-memory keys/values [n_kv, m, hd] (keys already rotated) in front of layer `layer`'s context.
@@ -613,7 +648,7 @@ class Engine:
         lengths = np.array([len(r) for r in rows], np.int64)
         starts = np.zeros(B, np.int64)
         np.cumsum(lengths[:-1], out=starts[1:])
-        N, T = int(lengths.sum()), int(lengths.max())
+        N = int(lengths.sum())
         pos = np.arange(N, dtype=np.int64) - np.repeat(starts, lengths)
         x, xb, q, k, v, ao = (sc[name][:N] for name in ("x", "xb", "q", "k", "v", "ao"))
         h1, h3 = sc["h1"][:N], sc["h3"][:N]

@@ -19,3 +19,9 @@ class BadArgument(M3Error):
 
 class BusyError(M3Error):
     """A model is already generating in another thread."""
+
+
+def another_model(what: str, made_by: str, this_model: str, remedy: str) -> str:
+    """The one-line message for a file made by another model than the one at hand (a bank, int8 weights, a saved
+    conversation): `what` it is, both fingerprints, and the `remedy`."""
+    return f"{what} was made by another model (fingerprint {made_by}, this model is {this_model}): {remedy}"

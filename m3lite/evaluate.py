@@ -34,7 +34,6 @@ import numpy as np
 
 from .errors import BadArgument, M3Error
 from .heldout import QASample, article_questions, is_held_out
-from .retrieval import BM25  # noqa: F401  (the token-level BM25, re-exported for tests)
 
 MODES = ("none", "memory", "rag")
 RECALL_K = 5

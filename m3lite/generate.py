@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import BadArgument
-from .params import DEFAULTS, SamplingParams  # noqa: F401  (re-exported: where the sampling loop is)
+from .params import SamplingParams
 from .kernels.sampling import sample
 from .tokenizer import StreamDecoder, Tokenizer
 

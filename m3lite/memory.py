@@ -18,9 +18,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .bank import Bank, BankError
-from .chat_template import qa_prompt, rag_context  # noqa: F401  (the prompt formats; kept importable here)
 from .errors import BadArgument
-from .retrieval import RETRIEVERS, MemoryCache, Retriever, bank_embedder, check_retriever  # noqa: F401 (re-exported)
+from .retrieval import MemoryCache, Retriever, bank_embedder, check_retriever
 from .sources import Document, chunk_document, iter_documents
 
 MODES = ("memory", "rag", "none")
@@ -223,3 +222,12 @@ class MemorySession:
                 r["attention"] = round(h.mass / self.attention_total, 4) if self.attention_total > 0 else 0.0
             out.append(r)
         return out
+
+
+def search_bank(model, bank: Bank, query: str, k: int = 5, retriever=None) -> list[dict]:
+    """The `k` references of `bank` that best match `query`, best first, as ask, chat and serve retrieve them
+    (`retriever`: a name of m3lite.retrieval.RETRIEVERS or a Retriever; default hybrid): dicts with id, doc_id,
+    source, title, text and score. What `m3lite bank search` prints and the server's /v1/banks/search returns."""
+    s = MemorySession(model, bank, mode="rag", top_k=k, retriever=retriever or "hybrid")
+    s.retrieve(query)
+    return s.references(attention=False)

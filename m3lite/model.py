@@ -11,9 +11,10 @@ import numpy as np
 from .config import ModelConfig
 from .errors import BadArgument, BusyError
 from .kernels.sampling import sample
-from .generate import DEFAULTS, GenerationResult, SamplingParams, stream as _stream
+from .generate import GenerationResult, stream as _stream
+from .params import ANSWER, DEFAULTS, SamplingParams
 from .modelfile import ModelFiles
-from .quantize import check_weights, load as load_q8, resolve_weights
+from .int8_weights import check_weights, load as load_q8, resolve_weights
 from .tokenizer import load_tokenizer
 
 BACKENDS = ("numba", "onnxruntime")
@@ -24,7 +25,7 @@ class Model:
 
     One generation at a time per Model; a second concurrent call raises BusyError.
     `weights` ("fp32" or "int8"; default int8 when the model directory holds int8 weights, see
-    `m3lite.quantize`) is what the numba backend runs; onnxruntime always runs the float graph.
+    `m3lite.int8_weights`) is what the numba backend runs; onnxruntime always runs the float graph.
     """
 
     def __init__(self, files: ModelFiles, n_threads: int | None = None, weights: str | None = None,
@@ -112,7 +113,8 @@ class Model:
     def encode_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, bos=True)
 
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.8,
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = DEFAULTS.max_new_tokens,
+                 temperature: float = DEFAULTS.temperature,
                  top_k: int = DEFAULTS.top_k, top_p: float = DEFAULTS.top_p,
                  repetition_penalty: float = DEFAULTS.repetition_penalty, seed: int | None = None,
                  stop: Sequence[str] | None = None, stream: bool = False, backend: str = "numba",
@@ -204,9 +206,9 @@ class Model:
         return self.tokenizer.encode(plain_prompt(msgs), bos=True)
 
     def ask(self, question: str, bank=None, mode: str | None = None, system: str | None = None,
-            max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = DEFAULTS.top_k,
-            top_p: float = DEFAULTS.top_p,
-            repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+            max_new_tokens: int = ANSWER.max_new_tokens, temperature: float = ANSWER.temperature,
+            top_k: int = ANSWER.top_k, top_p: float = ANSWER.top_p,
+            repetition_penalty: float = ANSWER.repetition_penalty, seed: int | None = None, stop: Sequence[str] = (),
             stream: bool = False, backend: str = "numba", cancel=None, retriever: str = "hybrid",
             refs: int | None = None) -> str | Iterator[str]:
         """Answer `question` in the model's chat format (greedy by default), from `bank` in `mode` as

@@ -8,7 +8,7 @@ Layout of a model directory::
     model.onnx.data    raw little-endian tensors (float32, or float16: half the disk), each 64-byte aligned
     tokenizer.model    sentencepiece (models trained here), or
     tokenizer.json     a Hugging Face tokenizer (imported models; special ids in the manifest's "tokenizer")
-    model.q8.*         optional int8 weights (m3lite.quantize)
+    model.q8.*         optional int8 weights (m3lite.int8_weights)
 
 Weights of the same kind are stored stacked over layers ([n_layers, out, in]) so the runtime maps each kind
 as one array; the ONNX graph's per-layer initializers are offsets into those blocks. Linear weights are in

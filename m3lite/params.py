@@ -35,4 +35,6 @@ class SamplingParams:
             raise BadArgument("repeat_window must be >= 0")
 
 
-DEFAULTS = SamplingParams()  # one place for the sampling defaults
+DEFAULTS = SamplingParams()  # generating text (`generate`, the server): sampled, with a repetition penalty
+# answering a question (`ask`, `chat`, the Chat API): greedy, no repetition penalty, as `m3lite eval` measures
+ANSWER = SamplingParams(max_new_tokens=256, temperature=0.0, repetition_penalty=1.0)

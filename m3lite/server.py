@@ -26,9 +26,10 @@ from pathlib import Path
 
 from . import __version__
 from .chat import Chat, ContextLengthError, Turn, reference_summary
-from .generate import DEFAULTS
+from .params import DEFAULTS
 from .errors import BadArgument, M3Error
-from .memory import MODES, RETRIEVERS, MemorySession, bank_embedder
+from .memory import MODES, bank_embedder, search_bank
+from .retrieval import RETRIEVERS
 
 MAX_BODY = 1 << 20  # bytes; larger requests get 413
 MAX_DRAIN = 64 << 20  # a larger body is not even read before the 413 (the connection is closed on it)
@@ -330,10 +331,9 @@ class App:
         if retriever not in RETRIEVERS:
             raise APIError(400, f"'retriever' must be one of {', '.join(RETRIEVERS)}", param="retriever",
                            code="invalid_value")
-        s = MemorySession(self.model, self.bank, mode="rag", top_k=k,
-                          retriever=self.chat._search if retriever == self.retriever else retriever)
-        s.retrieve(query)
-        return {"object": "list", "data": [reference_summary(r) for r in s.references(attention=False)],
+        found = search_bank(self.model, self.bank, query, k,
+                            self.chat._search if retriever == self.retriever else retriever)
+        return {"object": "list", "data": [reference_summary(r) for r in found],
                 "model": self.model_id}
 
 

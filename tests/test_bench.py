@@ -9,7 +9,7 @@ import shutil
 import pytest
 from clitools import one_line_error, run
 
-from m3lite.bench import ROWS, _add_ratios, weight_bytes_per_token
+from m3bench.bench import ROWS, _add_ratios, weight_bytes_per_token
 from m3lite.config import ModelConfig
 from m3lite.modelfile import cache_dir
 

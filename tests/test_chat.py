@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from chattools import ask, chat_model, endless_model, notes_dir, spawn_chat  # noqa: F401  (fixtures)
+from chattools import ask, spawn_chat
 
 pexpect = pytest.importorskip("pexpect")
 

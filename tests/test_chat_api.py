@@ -10,7 +10,6 @@ import pytest
 import m3lite
 from m3lite.chat import Chat, ChatFileError, ContextLengthError
 from m3lite.errors import BadArgument, BusyError
-from chattools import chat_model, endless_model, notes_dir  # noqa: F401  (fixtures)
 
 Q1, Q2, Q3 = "What is a volcano?", "Where is Mount Etna?", "How is bread made?"
 

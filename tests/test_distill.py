@@ -202,4 +202,4 @@ def test_bank_built_with_other_memory_settings_refused(imported, tmp_path):
     import_model(imported / "hf", tmp_path / "half8", weights="fp32", memory_layers="half", memory_tokens=8)
     line = one_line_error(run("ask", "Where was Zorbel Quint born?", "--model", tmp_path / "half8", "--bank",
                               tmp_path / "bank", "--mode", "memory", "-n", "2", check=False))
-    assert "built for another model" in line and "rebuild" in line
+    assert "made by another model" in line and "rebuild" in line

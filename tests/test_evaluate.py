@@ -10,7 +10,8 @@ import zlib
 import numpy as np
 import pytest
 
-from m3lite.evaluate import (BM25, exact_match, hit, markdown_table, next_token_nll, normalize_answer, perplexity,
+from m3lite.retrieval import BM25
+from m3lite.evaluate import (exact_match, hit, markdown_table, next_token_nll, normalize_answer, perplexity,
                              token_f1)
 from clitools import one_line_error, run
 

@@ -1,5 +1,6 @@
-"""The import graph of m3lite/ and converters/, every import statement included (function-level ones too):
-no cycle, and the runtime never imports converters/ (which needs torch)."""
+"""The import graph of m3lite/, converters/ and m3bench/, every import statement included (function-level ones
+too): no cycle, the runtime never imports converters/ (which needs torch), and only the `m3lite bench` command
+reaches into m3bench/ (which depends on both)."""
 from __future__ import annotations
 
 import ast
@@ -10,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def modules() -> dict[str, Path]:
     out = {}
-    for pkg in ("m3lite", "converters"):
+    for pkg in ("m3lite", "converters", "m3bench"):
         for p in (REPO / pkg).rglob("*.py"):
             name = ".".join(p.relative_to(REPO).with_suffix("").parts)
             out[name.removesuffix(".__init__")] = p
@@ -40,6 +41,12 @@ def test_runtime_never_imports_converters():
     g = import_graph()
     bad = sorted((m, t) for m, ts in g.items() if m.startswith("m3lite") for t in ts if t.startswith("converters"))
     assert not bad, bad
+
+
+def test_only_the_bench_command_imports_m3bench():
+    g = import_graph()
+    users = sorted(m for m, ts in g.items() if not m.startswith("m3bench") for t in ts if t.startswith("m3bench"))
+    assert users == ["m3lite.cli"], users
 
 
 def test_no_import_cycles():

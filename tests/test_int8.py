@@ -13,7 +13,7 @@ pytest.importorskip("sentencepiece")
 import m3lite  # noqa: E402
 from clitools import one_line_error, run  # noqa: E402
 from converters.init import random_weights  # noqa: E402
-from m3lite import quantize as q8files  # noqa: E402
+from m3lite import int8_weights as q8files  # noqa: E402
 from m3lite.config import ModelConfig  # noqa: E402
 from m3lite.engine import Engine  # noqa: E402
 from m3lite.errors import BadArgument, ModelFileError  # noqa: E402
@@ -30,7 +30,7 @@ INT8_REL_BOUND = 0.05
 
 
 def quantized(cfg: ModelConfig, w: dict[str, np.ndarray]) -> dict:
-    """The int8 tensors of `w` as the engine takes them (what m3lite.quantize stores, in memory)."""
+    """The int8 tensors of `w` as the engine takes them (what m3lite.int8_weights stores, in memory)."""
     out = {}
     for name in q8files.MATMULS:
         src = w["tok_embeddings" if name == "output" and cfg.tie_embeddings else name]

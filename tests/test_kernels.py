@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from m3lite.errors import BadArgument
-from m3lite.kernels import (accumulate_prefix_attention, attention_decode, first_copies, attention_prefill, dot, matvec,
-                            matvec_acc, matvec_qkv, matvec_swiglu, reference_attention, rmsnorm, rmsnorm_rows,
+from m3lite.kernels import (accumulate_prefix_attention, attention_group, first_copies, attention_prefill, dot,
+                            reference_attention, rmsnorm, rmsnorm_rows,
                             rope, rope_rows, rope_rows_at, rope_tables, sample, select_tokens,
                             selection_scores, silu_mul)
 
@@ -78,32 +78,6 @@ def test_rope(hd):
     np.testing.assert_allclose(X, ref, atol=1e-5)
 
 
-def test_matvec_family():
-    d = 53
-    x = randn(d)
-    x64 = x.astype(np.float64)
-    w = readonly(randn(37, d))
-    out = np.empty(37, np.float32)
-    matvec(w, x, out)
-    np.testing.assert_allclose(out, w.astype(np.float64) @ x64, atol=1e-5)
-    base = randn(37)
-    acc = base.copy()
-    matvec_acc(w, x, acc)
-    np.testing.assert_allclose(acc, base + w.astype(np.float64) @ x64, atol=1e-5)
-
-    wq, wk, wv = readonly(randn(12, d)), readonly(randn(6, d)), readonly(randn(6, d))
-    q, k, v = np.empty(12, np.float32), np.empty(6, np.float32), np.empty(6, np.float32)
-    matvec_qkv(wq, wk, wv, x, q, k, v)
-    for o, m in ((q, wq), (k, wk), (v, wv)):
-        np.testing.assert_allclose(o, m.astype(np.float64) @ x64, atol=1e-5)
-
-    w1, w3 = readonly(randn(29, d)), readonly(randn(29, d))
-    h = np.empty(29, np.float32)
-    matvec_swiglu(w1, w3, x, h)
-    np.testing.assert_allclose(h, silu64(w1.astype(np.float64) @ x64) * (w3.astype(np.float64) @ x64),
-                               rtol=1e-5, atol=1e-5)
-
-
 def test_silu_mul():
     a, b = randn(4, 19, scale=5), randn(4, 19)
     ref = silu64(a) * b
@@ -136,15 +110,23 @@ def attention64(q, k, v, visible, n_rep):
 
 
 @pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 2), (8, 2)])
-def test_attention_decode(n_heads, n_kv):
+def test_attention_group(n_heads, n_kv):
+    """The decode step's attention, one kv head at a time (as the engine's threads run it): the new token's
+    key/value go to slot `end - 1`, its query heads attend to [starts[g], end). cos 1 / sin 0: no rotation."""
     hd, cap = 16, 20
     kc, vc = randn(n_kv, cap, hd), randn(n_kv, cap, hd)
-    q = randn(n_heads * hd)
+    q, k, v = randn(n_heads * hd), randn(n_kv * hd), randn(n_kv * hd)
     att = np.zeros((n_heads, cap), np.float32)
     out = np.empty(n_heads * hd, np.float32)
     totals = np.empty(n_heads, np.float32)
     starts, end = np.arange(n_kv, dtype=np.int64) + 3, 15  # each kv head has its own first slot
-    attention_decode(q, kc, vc, starts, end, n_heads // n_kv, 1 / np.sqrt(hd), att, out, totals)
+    cos, sin = np.ones(hd // 2, np.float32), np.zeros(hd // 2, np.float32)
+    qa = q.copy()
+    for g in range(n_kv):
+        attention_group(qa, k, v, kc, vc, g, starts[g], end - 1, n_heads // n_kv, 1 / np.sqrt(hd), cos, sin, att,
+                        out, totals)
+    np.testing.assert_array_equal(kc[:, end - 1], k.reshape(n_kv, hd))
+    np.testing.assert_array_equal(vc[:, end - 1], v.reshape(n_kv, hd))
     vis = np.zeros((n_kv, cap), bool)
     for g in range(n_kv):
         vis[g, starts[g]:end] = True
@@ -363,7 +345,7 @@ def test_sampling_bad_arguments():
 
 
 def test_exp_softmax_accuracy():
-    from m3lite.kernels.attention import exp_softmax
+    from m3lite.kernels.expf import exp_softmax
     from numba import njit
 
     @njit

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from converters.model import Memory, Transformer, encode_memory, forward_with_memory, ref_kv, to_stacked  # noqa: E402
 from converters.tokenizer import PAD, REF  # noqa: E402
-from m3lite import quant  # noqa: E402
+from m3lite import memory_quant as quant  # noqa: E402
 from m3lite.config import ModelConfig  # noqa: E402
 from m3lite.engine import Engine  # noqa: E402
 
@@ -24,7 +24,7 @@ SHAPES = {
                       memory_tokens_per_head=5, tie_embeddings=False),
 }
 LENGTHS = [24, 13, 3, 9, 1, 2, 17, 24]  # full, shorter, fewer text tokens than K, <ref> alone, one text token
-# int8 memories (m3lite.quant: one float16 scale per vector, error <= max|x|/254 per element): measured over
+# int8 memories (m3lite.memory_quant: one float16 scale per vector, error <= max|x|/254 per element): measured over
 # 3 memory sets x 4 prompts of 128 tokens, the largest logit change was 6.8e-3 on mha-hd48 (|logits| <= 0.71)
 # and 2.2e-2 on gqa2-hd48 (|logits| <= 2.75), i.e. at most 0.94% of the largest logit magnitude (median 0.6%).
 # The test allows 1.5% of it.
@@ -93,7 +93,6 @@ def test_encode_references_matches_encode_memory(model, engine):
 
 def test_encode_references_repeated_tokens(model, engine):
     """Repeated tokens have equal layer-0 keys: exact ties, resolved to the lower position by both."""
-    cfg = model.cfg
     refs = [[REF] + [7, 9, 7, 9, 7, 11, 9, 7, 13, 7, 9, 11], [REF] + [20] * 10]
     want = torch_encode(model, refs)
     keys, values, positions, counts = engine.encode_references(refs)

@@ -14,7 +14,6 @@ from converters.model import (  # noqa: E402
     encode_memory,
     forward_with_memory,
     forward_with_memory_parallel,
-    memory_prefix,
     memory_scores,
     ref_kv,
 )

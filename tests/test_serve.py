@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 import m3lite
-from chattools import chat_model, notes_dir  # noqa: F401  (fixtures)
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a volcano?"}]
 

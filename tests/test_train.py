@@ -21,15 +21,17 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 from converters import data as D  # noqa: E402
+from m3lite import heldout as H  # noqa: E402
+from m3lite import sources as S  # noqa: E402
 from converters import train as T  # noqa: E402
 from m3lite.plot import loss_chart  # noqa: E402
 from converters.tokenizer import BOS, EOS, REF, cached_tokenizer  # noqa: E402
-from m3lite.memory import qa_prompt  # noqa: E402
+from m3lite.chat_template import qa_prompt  # noqa: E402
 from m3lite.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
-    D.wiki_folder()
+    S.wiki_folder()
     HAVE_WIKI = True
 except Exception:  # noqa: BLE001
     HAVE_WIKI = False
@@ -72,27 +74,27 @@ def falls(xs: list[float]) -> bool:
 
 def test_held_out_split_is_a_stable_tenth():
     titles = [f"Article number {i}" for i in range(20000)]
-    flags = [D.is_held_out(t) for t in titles]
+    flags = [H.is_held_out(t) for t in titles]
     assert 0.09 < np.mean(flags) < 0.11
-    assert flags == [D.is_held_out(t) for t in titles]
+    assert flags == [H.is_held_out(t) for t in titles]
     # pinned: changing the hash would silently move articles between training and evaluation
     countries = ("Canada", "Brazil", "India", "China", "Japan", "Germany", "France", "Iran", "Peru", "Nepal")
-    assert [t for t in countries if D.is_held_out(t)] == ["Japan", "Iran", "Nepal"]
+    assert [t for t in countries if H.is_held_out(t)] == ["Japan", "Iran", "Nepal"]
     assert sum(flags[:100]) == 8
 
 
 @needs_wiki
 def test_held_out_articles_stay_out_of_training():
-    arts = D.wiki_articles("en")
+    arts = S.wiki_articles("en")
     train, held = D.split_articles(arts, "train"), D.split_articles(arts, "heldout")
     assert not set(train) & set(held) and len(train) + len(held) == len(arts)
     assert 0.08 < len(held) / len(arts) < 0.12
-    assert all(not D.is_held_out(s.title) for s in D.qa_samples(arts))
-    assert all(D.is_held_out(s.title) for s in D.qa_samples(arts, held_out=True))
+    assert all(not H.is_held_out(s.title) for s in H.qa_samples(arts))
+    assert all(H.is_held_out(s.title) for s in H.qa_samples(arts, held_out=True))
     # the tokenizer's corpus: no held-out extract is in it
     from converters.tokenizer import corpus_at_hand
 
-    lines = set(corpus_at_hand(exclude_titles=D.is_held_out))
+    lines = set(corpus_at_hand(exclude_titles=H.is_held_out))
     held_lines = {ln for a in held.values() for ln in a["extract"].split("\n") if len(ln) > 80}
     assert held_lines and not (held_lines & lines)
 
@@ -232,7 +234,7 @@ def test_sft_loss_covers_only_the_answer(tok_path, data_dir):
     d = D.load_stage("sft", spec, "train", data_dir)
     tok = Tokenizer(tok_path)
     answers = {qa_prompt(s.question): s.answer
-               for s in D.qa_samples(D.split_articles(D.wiki_articles("en"), "train", 10))}
+               for s in H.qa_samples(D.split_articles(S.wiki_articles("en"), "train", 10))}
     idx = np.arange(min(6, len(d)))
     b = T.make_batch("sft", d, idx, T.ModelConfig.preset("tiny"), torch.device("cpu"))
     assert d.arrays["qa_refs"].shape == (len(d), 5)

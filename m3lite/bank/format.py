@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import quant as Q
-from ..errors import BadArgument, M3Error
+from .. import memory_quant as Q
+from ..errors import BadArgument, M3Error, another_model
 from ..modelfile import atomic_write_bytes as _atomic_write, json_checksum, signed_json
 
 
@@ -59,8 +59,7 @@ class FingerprintError(BankError):
 
 def foreign_bank(path, built_for: str, model: str) -> FingerprintError:
     """The one-line refusal of a bank built by another model."""
-    return FingerprintError(f"bank {path} was built for another model (fingerprint {built_for}, this model is "
-                            f"{model}): rebuild the bank with this model")
+    return FingerprintError(another_model(f"bank {path}", built_for, model, "rebuild the bank with this model"))
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import quant as Q
-from ..errors import BadArgument
+from .. import memory_quant as Q
+from ..errors import BadArgument, another_model
 from ..lexical import TermIndex, read_array_file, term_ids, top, top_k
 from ..sources import Document, chunk_document
 from .format import (BankError, CHECKS, CHECK_DTYPE, DATA_FILES, DELETED, DOCS, EXACT_BELOW, FORMAT, FingerprintError,
@@ -578,8 +578,8 @@ class Bank:
         try:
             m = _read_manifest(self.path)
             if m["fingerprint"] != self.fingerprint:
-                raise FingerprintError(f"bank {self.path} was rebuilt for another model (fingerprint "
-                                       f"{m['fingerprint']}, expected {self.fingerprint}); reopen it")
+                raise FingerprintError(another_model(f"bank {self.path}", m["fingerprint"], self.fingerprint,
+                                                     "it was rebuilt since it was opened; reopen it"))
             self._load(m)
             w = _Writer(self)
             try:

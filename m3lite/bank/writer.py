@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import quant as Q
+from .. import memory_quant as Q
 from ..lexical import array_file_bytes, term_ids
 from ..sources import Document
 from .format import (BankError, CHECKS, CHECK_DTYPE, DATA_FILES, DELETED, DOCS, HASHED, INDEX_SAVE_MIN_TAIL, MANIFEST,

@@ -131,7 +131,7 @@ def import_model(src: str | os.PathLike, out: str | os.PathLike, weights: str = 
         fp = write_manifest(tmp, cfg, index, extra=extra, tokenizer_file=TOKENIZER_JSON, tokenizer_meta=tok_meta)
         files = ModelFiles.open(tmp, verify=False)
         if weights == "int8":
-            from ..quantize import write as write_q8
+            from ..int8_weights import write as write_q8
 
             write_q8(tmp, files)
         _replace(tmp, out)

@@ -5,8 +5,8 @@ reference-encoding functions of `memory`, run in batches outside decoding, alloc
 Dot products are compiled with `fastmath={"reassoc", "contract"}` only: that lets LLVM vectorize the
 reductions and use FMA (a ~8x speedup) while keeping IEEE NaN/inf semantics and accurate `exp`.
 """
-from .attention import attention_decode, attention_group, attention_prefill
-from .matmul import dot, matvec, matvec_acc, matvec_qkv, matvec_swiglu, silu_mul
+from .attention import attention_group, attention_prefill
+from .matmul import dot, silu_mul
 from .memory import (accumulate_prefix_attention, first_copies, reference_attention, rope_rows_at,
                      select_tokens, selection_scores, selection_softmax, softmax_causal_refs)
 from .norm import rmsnorm, rmsnorm_rows
@@ -14,10 +14,10 @@ from .rope import rope, rope_rows, rope_tables
 from .sampling import sample, sample_kernel
 
 __all__ = [
-    "attention_decode", "attention_group", "attention_prefill",
+    "attention_group", "attention_prefill",
     "accumulate_prefix_attention", "first_copies", "reference_attention", "rope_rows_at", "select_tokens", "selection_scores",
     "selection_softmax", "softmax_causal_refs",
-    "dot", "matvec", "matvec_acc", "matvec_qkv", "matvec_swiglu", "silu_mul",
+    "dot", "silu_mul",
     "rmsnorm", "rmsnorm_rows",
     "rope", "rope_rows", "rope_tables",
     "sample", "sample_kernel",

@@ -7,9 +7,9 @@ and every memory key is visible to every query, while causality only concerns co
 Query head h reads kv head h // n_rep.
 """
 import numpy as np
-from numba import float32, njit, prange
+from numba import float32, njit
 
-from .expf import exp_softmax  # noqa: F401 (re-exported: m3lite.kernels.attention.exp_softmax)
+from .expf import exp_softmax
 from .matmul import FASTMATH, dot
 from .rope import rope
 
@@ -84,27 +84,9 @@ def _attend(q, kc, vc, start, end, scale, att, out):
     return total
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
-def attention_decode(q, k_cache, v_cache, starts, end, n_rep, scale, att, out, totals):
-    """One token: q [n_heads*hd] attends to slots [starts[g], end) of k_cache/v_cache [n_kv, capacity, hd]
-    at kv head g (starts: int64 [n_kv]).
-
-    out [n_heads*hd] receives the concatenated heads. att [n_heads, capacity] is scratch that keeps, for
-    slots [starts[h // n_rep], end), the unnormalised softmax terms, and totals [n_heads] (float32) their
-    sums: head h's attention weight on slot t is att[h, t] / totals[h] (memory-attention tracking reads them).
-    """
-    hd = k_cache.shape[2]
-    # prange splits the heads into contiguous runs per thread, so the n_rep query heads of a kv head mostly
-    # run one after the other on the same thread and find its keys/values in cache
-    for h in prange(q.shape[0] // hd):
-        kv = h // n_rep
-        totals[h] = _attend(q[h * hd:(h + 1) * hd], k_cache[kv], v_cache[kv], starts[kv], end, scale, att[h],
-                            out[h * hd:(h + 1) * hd])
-
-
 @njit(fastmath=FASTMATH, cache=True, error_model="numpy")
 def attention_group(q, k, v, k_cache, v_cache, g, start, slot, n_rep, scale, cos, sin, att, out, totals):
-    """One token at kv head g, a thread's share of `attention_decode`: rotate k's head g (cos/sin: the rows of
+    """One token at kv head g, a thread's share of the decode step's attention: rotate k's head g (cos/sin: the rows of
     the token's position) and store it with v's head g in cache slot `slot`, then rotate the query heads
     h = g * n_rep .. of q and attend to slots [start, slot] (writes their rows of att, out and totals)."""
     hd = k_cache.shape[2]

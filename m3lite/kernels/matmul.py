@@ -28,41 +28,6 @@ def silu(g):
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
-def matvec(w, x, out):
-    """out = w @ x, w [n, d], x [d], out [n]."""
-    for r in prange(w.shape[0]):
-        out[r] = dot(w[r], x)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
-def matvec_acc(w, x, out):
-    """out += w @ x (the residual add fused into the projection)."""
-    for r in prange(w.shape[0]):
-        out[r] = out[r] + dot(w[r], x)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
-def matvec_qkv(wq, wk, wv, x, q, k, v):
-    """q = wq @ x, k = wk @ x, v = wv @ x in one parallel region (one thread launch instead of three)."""
-    nq = wq.shape[0]
-    nk = wk.shape[0]
-    for r in prange(nq + 2 * nk):
-        if r < nq:
-            q[r] = dot(wq[r], x)
-        elif r < nq + nk:
-            k[r - nq] = dot(wk[r - nq], x)
-        else:
-            v[r - nq - nk] = dot(wv[r - nq - nk], x)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
-def matvec_swiglu(w1, w3, x, out):
-    """out = silu(w1 @ x) * (w3 @ x), the gated MLP's first half in one pass."""
-    for r in prange(w1.shape[0]):
-        out[r] = silu(dot(w1[r], x)) * dot(w3[r], x)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True, error_model="numpy")
 def silu_mul(a, b, out):
     """out = silu(a) * b elementwise on [n, f] blocks (prefill, reference encoding); out may alias a or b.
 

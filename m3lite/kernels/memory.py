@@ -220,7 +220,7 @@ def accumulate_prefix_attention(att, totals, starts, end, n_rep, mass):
     """Add one layer's softmax weights on the prefix slots to mass [>= end]: for every query head h (kv head
     g = h // n_rep) mass[t] += att[h, t] / totals[h] for t in [starts[g], end).
 
-    att [n_heads, capacity] holds the unnormalised exp-scores left by `attention_decode` and totals [n_heads]
+    att [n_heads, capacity] holds the unnormalised exp-scores left by `attention_group` and totals [n_heads]
     their sums, so att / totals are exactly the weights the attention used. Costs n_heads * (prefix size)."""
     for h in range(att.shape[0]):
         s = starts[h // n_rep]

@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import BadArgument
-from .attention import exp_softmax
+from .expf import exp_softmax
 from .matmul import FASTMATH
 
 

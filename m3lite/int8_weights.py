@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .errors import BadArgument, ModelFileError
+from .errors import BadArgument, ModelFileError, another_model
 from .kernels.q8 import QK, padded, quantize_blocks
 from .modelfile import (ALIGN, CONFIG_FILE, checksum_ok, signed_json, ModelFiles, _verified_sha, atomic_write_bytes, cache_dir, tensor_shapes,
                         write_aligned)
@@ -131,8 +131,8 @@ def read(folder: Path, files: ModelFiles, verify: bool = True) -> Q8Weights:
         raise ModelFileError(f"{jpath} has an int8 format this m3lite does not read (version "
                              f"{header.get('version')!r}, block {header.get('block')!r}); {redo}")
     if header.get("model_fingerprint") != files.fingerprint:
-        raise ModelFileError(f"{jpath} holds the int8 weights of another model (fingerprint "
-                             f"{header.get('model_fingerprint')!r}, this model is {files.fingerprint}); {redo}")
+        raise ModelFileError(another_model(f"the int8 weights {jpath}", header.get("model_fingerprint"),
+                                           files.fingerprint, redo))
     try:
         data = folder / header["data"]["file"]
         size = int(header["data"]["size"])

@@ -10,8 +10,8 @@ One run measures, for each runtime and the same 128-token prompt (token ids, so 
 - onnxruntime over the model's own model.onnx; PyTorch eager (converters.model, when torch is installed);
 - llama.cpp (llama-cpp-python, when installed) over GGUF exports of the same weights, F32 and Q8_0.
 
-Every row runs in its own Python process (`python -m m3lite.bench --worker SPEC`; the PyTorch row
-`python -m converters.bench_torch --worker SPEC`, since m3lite itself never imports torch), so its peak RSS is its
+Every row runs in its own Python process (`python -m m3bench.bench --worker SPEC`; the PyTorch row
+`python -m m3bench.torch_row --worker SPEC`, since m3lite itself never imports torch), so its peak RSS is its
 own and no runtime's imports or threads touch another's. Each row is also given as a
 ratio to llama.cpp at the same precision (F32 for fp32 rows, Q8_0 for int8 rows) or, without llama.cpp, to m3lite
 fp32 (`ratio_to` says which). The roofline: the machine's copy bandwidth (numpy, bytes read + written per second)
@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import BadArgument, M3Error
+from m3lite.errors import BadArgument, M3Error
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 128
@@ -75,11 +75,11 @@ def run_bench(model: str | os.PathLike | None = None, preset: str | None = None,
         raise BadArgument("give either a model directory (--model) or a preset (--preset)")
     if repeats < 1:
         raise BadArgument(f"repeats must be >= 1, got {repeats}")
-    from .config import PRESETS
-    from .modelfile import ModelFiles, cache_dir
+    from m3lite.config import PRESETS
+    from m3lite.modelfile import ModelFiles, cache_dir
 
     if preset == PULLED_PRESET:  # the real default model, pulled once
-        from .pull import pull
+        from m3lite.pull import pull
 
         model, preset = pull()["model"], None
     if preset is not None and preset not in PRESETS:
@@ -163,14 +163,14 @@ def _worker(spec: dict, tmp: Path) -> dict:
     path.write_text(json.dumps(spec))
     env = dict(os.environ)
     if spec.get("runtime") != "m3lite":  # peers run with the user's environment, not m3lite's thread settings
-        from . import ENV_SET
+        from m3lite import ENV_SET
         for k in ENV_SET:
             env.pop(k, None)
         env["M3LITE_KEEP_ENV"] = "1"
-    root = str(Path(__file__).resolve().parent.parent)  # m3lite and converters importable from the child
+    root = str(Path(__file__).resolve().parent.parent)  # m3lite, m3bench and converters importable from the child
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        module = "converters.bench_torch" if spec.get("runtime") == "pytorch" else "m3lite.bench"
+        module = "m3bench.torch_row" if spec.get("runtime") == "pytorch" else "m3bench.bench"
         p = subprocess.run([sys.executable, "-m", module, "--worker", str(path)], capture_output=True,
                            text=True, env=env, timeout=WORKER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -197,7 +197,7 @@ def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
 
 
 def machine_info() -> dict[str, Any]:
-    from .threads import default_threads, physical_cores
+    from m3lite.threads import default_threads, physical_cores
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -364,7 +364,7 @@ def _peak_rss_mb() -> float:
 
 def load_m3lite(model_dir: str, precision: str):
     """The m3lite Model with `precision` weights ("fp32" or "int8"); Unavailable when this m3lite has no int8."""
-    from .model import Model
+    from m3lite.model import Model
 
     if "weights" not in inspect.signature(Model.load).parameters:
         if precision != "fp32":
@@ -375,7 +375,7 @@ def load_m3lite(model_dir: str, precision: str):
 
 def _bench_texts(tokenizer) -> list:
     """The documents of the bench's bank and prompt: the first Wikipedia summaries, else random text."""
-    from .sources import Document, SourceError, wiki_documents
+    from m3lite.sources import Document, SourceError, wiki_documents
 
     try:
         docs = list(wiki_documents("en", "wiki:en", warn=lambda s: None, limit=BANK_DOCUMENTS))
@@ -392,7 +392,7 @@ def _bench_texts(tokenizer) -> list:
 
 def _setup(spec: dict) -> dict:
     """Make the model (preset), the prompt, the bank and the GGUF exports; cached under spec["root"]."""
-    from .modelfile import ModelFiles
+    from m3lite.modelfile import ModelFiles
 
     root = Path(spec["root"])
     model_dir = spec["model"]
@@ -410,7 +410,7 @@ def _setup(spec: dict) -> dict:
     if len(prompt) < PROMPT_TOKENS:
         raise BadArgument("not enough text for a 128-token prompt")
 
-    from .memory import build_or_add
+    from m3lite.memory import build_or_add
 
     bank = root / "banks" / files.fingerprint
     stats = build_or_add(m, bank, docs, warn=lambda s: None)
@@ -436,7 +436,7 @@ def _setup(spec: dict) -> dict:
 
 
 # The bench makes its inputs with the converters' command-line tools (random preset models, GGUF exports), run
-# as programs like the peers it measures: m3lite itself never imports the converters.
+# as programs like the peers it measures, so the parent process loads neither onnx nor gguf.
 
 def _tool_version(name: str) -> str:
     """A short hash of converters/NAME.py: cached outputs of a tool are remade when the tool changes."""
@@ -456,8 +456,8 @@ def _run_tool(module: str, *args) -> None:
 
 def _preset_model(preset: str, path: Path) -> Path:
     """A random model of `preset` (seed 0) at `path`, made once (`python -m converters.init`: numpy and onnx)."""
-    from .config import ModelConfig
-    from .modelfile import ModelFiles
+    from m3lite.config import ModelConfig
+    from m3lite.modelfile import ModelFiles
 
     cfg = ModelConfig.preset(preset)
     try:
@@ -478,7 +478,7 @@ def _median_row(runs: list[dict], extra: dict) -> dict:
 
 
 def _run_m3lite(spec: dict, backend: str) -> dict:
-    from .bank import Bank
+    from m3lite.bank import Bank
 
     m = load_m3lite(spec["model"], spec["precision"])
     # exactly new_tokens tokens: a random (or any) model may produce </s> before that
@@ -525,8 +525,8 @@ def _run_llama_cpp(spec: dict) -> dict:
         import llama_cpp
     except ImportError:
         raise Unavailable("llama-cpp-python is not installed") from None
-    from .modelfile import ModelFiles
-    from .threads import default_threads
+    from m3lite.modelfile import ModelFiles
+    from m3lite.threads import default_threads
 
     cfg = ModelFiles.open(spec["model"], verify=False).config
     n = default_threads()  # physical cores, as m3lite
@@ -563,10 +563,10 @@ def _row(spec: dict) -> dict:
 
 
 def worker_main(argv: list[str], row: Callable[[dict], dict] = _row) -> int:
-    """`python -m m3lite.bench --worker SPEC.json`: run one task, print its result as one JSON line. `row`
-    measures a row (converters.bench_torch passes its PyTorch one: m3lite never imports torch)."""
+    """`python -m m3bench.bench --worker SPEC.json`: run one task, print its result as one JSON line. `row`
+    measures a row (m3bench.torch_row passes its PyTorch one: m3lite never imports torch)."""
     if len(argv) != 2 or argv[0] != "--worker":
-        print("usage: python -m m3lite.bench --worker SPEC.json (use `m3lite bench`)", file=sys.stderr)
+        print("usage: python -m m3bench.bench --worker SPEC.json (use `m3lite bench`)", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[1]).read_text())
     baseline = _proc_status_mb("VmRSS") or 0.0

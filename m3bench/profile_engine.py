@@ -1,7 +1,7 @@
 """Where a prefill's and a decode step's time goes, phase by phase (for the goals `m3lite bench` reports unmet).
 
-    python tools/profile_engine.py --preset default [--weights fp32|int8] [--tokens 128] [--repeats 5]
-    python tools/profile_engine.py --model DIR
+    python -m m3bench.profile_engine --preset default [--weights fp32|int8] [--tokens 128] [--repeats 5]
+    python -m m3bench.profile_engine --model DIR
 
 Prefill: the engine's own `prefill`, with a timer around each call its block makes (matrix products, RoPE and KV
 store, attention, SwiGLU, norms; the rest, embedding lookup included, is "other"). Decode: the one compiled step as a whole, against the
@@ -18,7 +18,7 @@ import m3lite  # noqa: F401  (sets OPENBLAS_THREAD_TIMEOUT before numpy loads)
 import numpy as np
 
 from m3lite import engine as E
-from m3lite.bench import _preset_model, copy_bandwidth, weight_bytes_per_token
+from m3bench.bench import _preset_model, copy_bandwidth, weight_bytes_per_token
 from m3lite.defaults import cache_dir
 from m3lite.model import Model
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from m3lite import quant as Q
+from m3lite import memory_quant as Q
 from m3lite.errors import BadArgument, M3Error
 
 
