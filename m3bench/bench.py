@@ -53,6 +53,9 @@ ROWS: list[tuple[str, str, str]] = [
     ("pytorch", "fp32", "none"), ("llama.cpp", "fp32", "none"), ("llama.cpp", "int8", "none"),
     ("m3lite", "fp32", "memory"), ("m3lite", "fp32", "rag"), ("m3lite", "int8", "memory"), ("m3lite", "int8", "rag"),
 ]
+# --under-load: these rows run again while a busy process (one Python loop, not pinned) holds a core
+LOAD_ROWS = [row for row in ROWS if row[2] == "none"]
+LOAD = "1 busy process"
 GGUF_TYPE = {"fp32": "f32", "int8": "q8_0"}
 FORMAT = {("llama.cpp", "fp32"): "GGUF F32", ("llama.cpp", "int8"): "GGUF Q8_0", ("pytorch", "fp32"): "torch fp32",
           ("onnxruntime", "fp32"): "ONNX fp32"}
@@ -68,9 +71,10 @@ class Unavailable(Exception):
 # ------------------------------------------------------------------------------------------------ the run
 
 def run_bench(model: str | os.PathLike | None = None, preset: str | None = None, repeats: int = 3,
-              progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[int, int, str], None] | None = None, under_load: bool = False) -> dict[str, Any]:
     """Run every row and return the results (see the module docstring). `model` is a model directory; `preset`
-    makes (once, in the cache) a random model of that preset instead."""
+    makes (once, in the cache) a random model of that preset instead. `under_load`: the mode-none rows run
+    again while a busy process started by the bench holds one core (`under_load` in the result compares)."""
     if (model is None) == (preset is None):
         raise BadArgument("give either a model directory (--model) or a preset (--preset)")
     if repeats < 1:
@@ -89,7 +93,8 @@ def run_bench(model: str | os.PathLike | None = None, preset: str | None = None,
 
     root = cache_dir() / "bench"
     load_before = _loadavg()
-    total = len(ROWS) + 2
+    plan = [(row, None) for row in ROWS] + ([(row, LOAD) for row in LOAD_ROWS] if under_load else [])
+    total = len(plan) + 2
     step = _Steps(progress, total)
     with tempfile.TemporaryDirectory(prefix="m3lite-bench-") as tmp:
         step("preparing the model, bank and GGUF files")
@@ -102,19 +107,25 @@ def run_bench(model: str | os.PathLike | None = None, preset: str | None = None,
         common = {"model": setup["model"], "prompt": setup["prompt"], "new_tokens": NEW_TOKENS, "repeats": repeats,
                   "bank": setup["bank"]}
         rows = []
-        for runtime, precision, mode in ROWS:
-            step(f"{runtime} {precision} {mode}")
+        for (runtime, precision, mode), load in plan:
+            step(f"{runtime} {precision} {mode}" + (f" under load ({load})" if load else ""))
             spec = dict(common, task="row", runtime=runtime, precision=precision, mode=mode,
                         gguf=setup["gguf"].get(precision))
-            row = {"runtime": runtime, "precision": precision, "mode": mode,
+            row = {"runtime": runtime, "precision": precision, "mode": mode, "load": load or "quiet",
                    "format": FORMAT.get((runtime, precision), f"m3lite {precision}")}
-            row.update(_skip_reason(runtime, precision, setup) or _worker(spec, Path(tmp)))
+            skip = _skip_reason(runtime, precision, setup)
+            if skip is None and load:
+                with BusyCore():
+                    skip = _worker(spec, Path(tmp))
+            row.update(skip or _worker(spec, Path(tmp)))
             rows.append(row)
         step(None)
     cfg = setup["config"]
     for row in rows:
         _add_roofline(row, cfg, bandwidth)
-    baseline = _add_ratios(rows)
+    baseline = _add_ratios([r for r in rows if r["load"] == "quiet"])
+    if under_load:
+        _add_ratios([r for r in rows if r["load"] != "quiet"])
     return {
         "model": {k: setup[k] for k in ("model", "name", "params", "fingerprint", "disk_bytes")} | {"preset": preset},
         "machine": machine_info() | {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
@@ -124,8 +135,44 @@ def run_bench(model: str | os.PathLike | None = None, preset: str | None = None,
                      "bank_references": setup["bank_references"]},
         "baseline": baseline,
         "rows": rows,
-        "memory": _memory_summary(rows),
-    }
+        "memory": _memory_summary([r for r in rows if r["load"] == "quiet"]),
+    } | ({"under_load": _load_summary(rows)} if under_load else {})
+
+
+class BusyCore:
+    """A busy process for the length of a `with` block: one Python loop that never sleeps (not pinned; the
+    scheduler places it), as another program holding a core of a laptop does."""
+
+    def __enter__(self):
+        self.p = subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # let it take its core
+        return self
+
+    def __exit__(self, *exc):
+        self.p.kill()
+        self.p.wait()
+
+
+def _load_summary(rows: list[dict]) -> dict[str, Any]:
+    """Per runtime and precision (mode none): decode speed under load over quiet, TTFT quiet over under load
+    (both: the share of its quiet speed a runtime keeps; the goal is >= 0.5 for m3lite), and m3lite's decode
+    and TTFT under load against llama.cpp's under the same load at the same precision."""
+    ok = {(r["runtime"], r["precision"], r["load"]): r for r in rows if r["mode"] == "none" and r.get("status") == "ok"}
+    out: dict[str, Any] = {"load": LOAD, "kept": {}}
+    for (runtime, precision, load), r in ok.items():
+        quiet = ok.get((runtime, precision, "quiet"))
+        if load == "quiet" or quiet is None:
+            continue
+        out["kept"][f"{runtime} {precision}"] = {
+            "decode": round(r["decode_tokens_per_s"] / quiet["decode_tokens_per_s"], 3),
+            "ttft": round(quiet["ttft_ms"] / r["ttft_ms"], 3)}
+        peer = ok.get(("llama.cpp", precision, load))
+        if runtime == "m3lite" and peer is not None:
+            out[f"m3lite_{precision}_over_llama_cpp_under_load"] = {
+                "decode": round(r["decode_tokens_per_s"] / peer["decode_tokens_per_s"], 3),
+                "ttft": round(peer["ttft_ms"] / r["ttft_ms"], 3)}
+    return out
 
 
 class _Steps:
@@ -297,13 +344,14 @@ def markdown_table(res: dict) -> str:
         f"Prompt {s['prompt_tokens']} tokens, {s['new_tokens']} greedy tokens, batch 1, median of {s['repeats']}. "
         f"Ratios are to {res['baseline']} (`x ref`: decode and prefill speed over the reference's).",
         "",
-        "| runtime | weights | mode | prompt tokens | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB "
+        "| runtime | weights | mode | load | prompt tokens | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB "
         "| decode x ref | prefill x ref | bandwidth used | note |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in res["rows"]:
+        load = r.get("load", "quiet")
         if r.get("status") != "ok":
-            lines.append(f"| {r['runtime']} | {r['format']} | {r['mode']} | | | | | | | | | "
+            lines.append(f"| {r['runtime']} | {r['format']} | {r['mode']} | {load} | | | | | | | | | "
                          f"{r['status']}: {r.get('reason', '')} |")
             continue
         ratio = r.get("ratio", {})
@@ -311,13 +359,20 @@ def markdown_table(res: dict) -> str:
         if r.get("references"):
             note += f"; {r['references']} references"
         lines.append(
-            f"| {r['runtime']} | {r['format']} | {r['mode']} | {r['prompt_tokens']} | "
+            f"| {r['runtime']} | {r['format']} | {r['mode']} | {load} | {r['prompt_tokens']} | "
             f"{_fmt(r['prefill_tokens_per_s'])} | {_fmt(r['decode_tokens_per_s'])} | {_fmt(r['ttft_ms'], 1)} | "
             f"{_fmt(r['peak_rss_mb'])} | {_fmt(ratio.get('decode_tokens_per_s'), 2)} | "
             f"{_fmt(ratio.get('prefill_tokens_per_s'), 2)} | {100 * r['bandwidth_fraction']:.0f}% | {note} |")
     mem = res.get("memory") or {}
     if mem:
         lines += ["", "Explicit memory: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in mem.items()) + "."]
+    ul = res.get("under_load")
+    if ul:
+        kept = "; ".join(f"{k} decode {v['decode']}x, TTFT {v['ttft']}x" for k, v in ul["kept"].items())
+        peers = "; ".join(f"{k.replace('_', ' ')}: decode {v['decode']}x, TTFT {v['ttft']}x"
+                          for k, v in ul.items() if k.endswith("under_load"))
+        lines += ["", f"Under load ({ul['load']}), the share of the quiet speed kept (TTFT: quiet over loaded): "
+                  f"{kept or '-'}." + (f" Against llama.cpp under the same load: {peers}." if peers else "")]
     return "\n".join(lines) + "\n"
 
 

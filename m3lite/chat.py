@@ -209,25 +209,28 @@ class Chat:
         oldest turns are dropped; a rag turn that does not fit even alone leaves out its lowest-ranked
         references."""
         ctx = self.max_context
-        texts = [self.bank.reference(i)["text"] for i, _ in found]
-        while True:
+        alone: list[int] = []
+
+        def render(texts: list[str]):  # the conversation with these references, oldest turns dropped as needed
             for drop in range(len(self.turns) + 1):
                 ids = self.model.prompt(self._messages(self.turns[drop:], question), texts)
                 if len(ids) + reserve <= ctx:
-                    if drop:
-                        result.notes.append(f"the context is full ({ctx} tokens): dropped the {drop} oldest "
-                                            f"turn{'s' if drop > 1 else ''} of the conversation")
-                    keep = 0
-                    while keep < min(len(ids) - 1, len(self._ids)) and ids[keep] == self._ids[keep]:
-                        keep += 1
-                    return self._epoch, ids, keep, texts, drop
-            if not texts:
-                raise ContextLengthError(f"the question takes {len(ids)} tokens and its answer {reserve} more, "
-                                         f"but the context holds {ctx}: shorten the question or ask for a shorter "
-                                         f"answer")
-            texts.pop()
-            session.hits.pop(found.pop()[0], None)
-            result.notes.append(f"rag: left out a reference that does not fit the context ({ctx} tokens)")
+                    return ids, texts, drop
+            alone[:] = ids
+            return None
+
+        got = render([]) if session is None else session.fit(found, render, ctx, result.notes)
+        if got is None:
+            raise ContextLengthError(f"the question takes {len(alone)} tokens and its answer {reserve} more, but "
+                                     f"the context holds {ctx}: shorten the question or ask for a shorter answer")
+        ids, texts, drop = got
+        if drop:
+            result.notes.append(f"the context is full ({ctx} tokens): dropped the {drop} oldest "
+                                f"turn{'s' if drop > 1 else ''} of the conversation")
+        keep = 0
+        while keep < min(len(ids) - 1, len(self._ids)) and ids[keep] == self._ids[keep]:
+            keep += 1
+        return self._epoch, ids, keep, texts, drop
 
     def _answer(self, question, found, session, reserve, result, params, cancel, plan) -> Iterator[str]:
         eng = self.engine
@@ -256,10 +259,7 @@ class Chat:
                 if not done and result.finish_reason != "stop":
                     result.finish_reason = "cancelled"  # the caller stopped reading (or interrupted us)
                 if session is not None:
-                    if memory is not None:
-                        session.finish(eng)
-                    result.retrieval_s = session.retrieval_s
-                    result.references = session.references()
+                    session.finish(eng, result)
                 if eng.n_past >= eng.max_ctx and result.finish_reason == "length":
                     result.notes.append(f"the answer stopped at the end of the context ({eng.max_ctx} tokens); "
                                         f"the next question drops the oldest turns")

@@ -601,11 +601,14 @@ def bench(
                                          "smollm2: the default model, pulled."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per figure; the median is reported."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the table to FILE.md."),
+    under_load: bool = typer.Option(False, "--under-load", help="Also run the mode-none rows while a busy "
+                                    "process started by the bench holds one core, and compare."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure m3lite against llama.cpp, onnxruntime and PyTorch on the same weights: prefill and decode
     tokens/s, time to first token, peak RSS, memory/rag modes and the memory-bandwidth roofline. Each runtime
-    runs in its own process; the ones not installed are reported as skipped. Run it on a quiet machine."""
+    runs in its own process; the ones not installed are reported as skipped. Run it on a quiet machine
+    (--under-load adds rows with a busy core, made by the bench itself)."""
     from m3bench.bench import check_report_path, markdown_table, run_bench, write_report
 
     if report is not None:
@@ -613,7 +616,7 @@ def bench(
     if model is None and preset is None:
         model = _model_dir(None)
     with _progress_bar("bench", quiet=as_json) as progress:
-        res = run_bench(model=model, preset=preset, repeats=repeats, progress=progress)
+        res = run_bench(model=model, preset=preset, repeats=repeats, progress=progress, under_load=under_load)
     if report is not None:
         res["report"] = str(write_report(res, report))
     _print_result(res, markdown_table, as_json, report is not None and res["report"])

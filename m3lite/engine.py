@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import mmap
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -53,81 +54,139 @@ Q8_TILE_BYTES = 4 << 20  # int8 prefill: weights dequantized per BLAS GEMM (4 Mi
 LINEAR = ("wq", "wk", "wv", "wo", "w1", "w3", "w2")  # the per-layer projections, in the decode step's order
 
 
+class DecodeWeights(NamedTuple):
+    """What a decode step reads of the model: the float weights (stacked over layers) and the int8 ones; the set
+    not run is a placeholder of the same type, so fp32 and int8 share one compiled decode step."""
+    emb: np.ndarray  # [V, D]; empty with int8 and tied embeddings (the int8 head's rows are the embedding)
+    attn_norm: np.ndarray
+    wq: np.ndarray
+    wk: np.ndarray
+    wv: np.ndarray
+    wo: np.ndarray
+    ffn_norm: np.ndarray
+    w1: np.ndarray
+    w3: np.ndarray
+    w2: np.ndarray
+    norm: np.ndarray
+    out_w: np.ndarray  # the float head
+    q8: bool  # run the int8 set: values q* and float32 block scales s* of each projection and of the head
+    qwq: np.ndarray  # (flat fields: numba's parallel region takes no tuple nested in a tuple)
+    swq: np.ndarray
+    qwk: np.ndarray
+    swk: np.ndarray
+    qwv: np.ndarray
+    swv: np.ndarray
+    qwo: np.ndarray
+    swo: np.ndarray
+    qw1: np.ndarray
+    sw1: np.ndarray
+    qw3: np.ndarray
+    sw3: np.ndarray
+    qw2: np.ndarray
+    sw2: np.ndarray
+    q_out: np.ndarray
+    s_out: np.ndarray
+
+
+class DecodeCache(NamedTuple):
+    """The KV cache [L, n_kv, capacity, hd], each (layer, kv head)'s first attended slot, and the RoPE tables."""
+    k: np.ndarray
+    v: np.ndarray
+    attn_start: np.ndarray
+    cos: np.ndarray
+    sin: np.ndarray
+
+
+class DecodeScratch(NamedTuple):
+    """The decode step's buffers, written every step: the residual x, each thread's normed input row xb [T, D],
+    q/k/v, attention weights and totals, the attention output, the MLP's hidden row, the logits, the barrier."""
+    x: np.ndarray
+    xb: np.ndarray
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    att: np.ndarray
+    att_totals: np.ndarray
+    ao: np.ndarray
+    hb: np.ndarray
+    logits: np.ndarray
+    sync: np.ndarray
+
+
+class Tracking(NamedTuple):
+    """Where the memory layers' attention on the prefix is added up (see `_decode_step`)."""
+    track: np.ndarray  # [L] bool: layers whose attention is tracked
+    prefix_end: int
+    mass: np.ndarray  # [prefix_end] float64
+    mass_total: np.ndarray  # [1] float64
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
-def _decode_step(token, slot, pos, attn_start, eps, scale, n_rep,
-                 emb, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2, norm, out_w,
-                 cos, sin, k_cache, v_cache,
-                 x, xb, q, k, v, att, att_totals, ao, hb, logits,
-                 track, prefix_end, mass, mass_total, q8, qw, qs, q_out, s_out, sync):
-    """The whole forward pass of one token, all layers; writes logits [V]. Allocates nothing.
+def _decode_step(token, slot, pos, eps, scale, n_rep, w, cache, s, tr):
+    """The whole forward pass of one token, all layers; writes s.logits [V]. Allocates nothing.
+    w: DecodeWeights, cache: DecodeCache, s: DecodeScratch, tr: Tracking.
 
     One parallel region: thread t of T takes its share of the rows of every projection and of the kv heads in
-    attention, and `barrier(sync, T)` separates the phases (numba would launch a thread team per prange, ~40
-    per token, each launch costing about what a layer of a small model computes). T = xb.shape[0] must be
-    numba's thread count (the caller sets it): the barriers wait for every thread. xb holds per-thread scratch
+    attention, and `barrier(s.sync, T)` separates the phases (numba would launch a thread team per prange, ~40
+    per token, each launch costing about what a layer of a small model computes). T = s.xb.shape[0] must be
+    numba's thread count (the caller sets it): the barriers wait for every thread. s.xb holds per-thread scratch
     rows: each thread normalises the whole input of a projection itself, so only the outputs are shared.
 
-    Prefix-attention tracking: at each layer l with track[l], the softmax weights of every query head on the
-    prefix slots [attn_start[l, g], prefix_end) are added to mass [prefix_end] (float64) and n_heads (the
-    softmax mass of the layer) to mass_total[0].
+    Prefix-attention tracking: at each layer l with tr.track[l], the softmax weights of every query head on the
+    prefix slots [attn_start[l, g], tr.prefix_end) are added to tr.mass (float64) and n_heads (the softmax mass
+    of the layer) to tr.mass_total[0].
 
-    q8 runs the int8 weights qw / qs (tuples in LINEAR order; q_out / s_out the head); else the fp32 ones
-    (the other set is a placeholder)."""
-    T = xb.shape[0]
-    sync[:] = 0
+    w.q8 runs the int8 weights (w.qwq / w.swq ..., w.q_out / w.s_out the head); else the fp32 ones."""
+    T = s.xb.shape[0]
+    s.sync[:] = 0
     for t in prange(T):
-        _decode_thread(t, T, token, slot, pos, attn_start, eps, scale, n_rep, emb, attn_norm, wq, wk, wv, wo,
-                       ffn_norm, w1, w3, w2, norm, out_w, cos, sin, k_cache, v_cache, x, xb[t], q, k, v, att,
-                       att_totals, ao, hb, logits, track, prefix_end, mass, mass_total, q8, qw, qs, q_out, s_out,
-                       sync)
+        _decode_thread(t, T, token, slot, pos, eps, scale, n_rep, w, cache, s, tr)
 
 
 @njit(cache=True, error_model="numpy")
-def _decode_thread(t, T, token, slot, pos, attn_start, eps, scale, n_rep,
-                   emb, attn_norm, wq, wk, wv, wo, ffn_norm, w1, w3, w2, norm, out_w,
-                   cos, sin, k_cache, v_cache,
-                   x, xb, q, k, v, att, att_totals, ao, hb, logits,
-                   track, prefix_end, mass, mass_total, q8, qw, qs, q_out, s_out, sync):
-    """Thread t's part of `_decode_step` (xb: its own scratch row)."""
-    n_kv = k_cache.shape[1]
+def _decode_thread(t, T, token, slot, pos, eps, scale, n_rep, w, cache, s, tr):
+    """Thread t's part of `_decode_step` (its scratch row: s.xb[t])."""
+    x, xb, q, k, v, sync = s.x, s.xb[t], s.q, s.k, s.v, s.sync
+    n_kv = cache.k.shape[1]
     nq, nk = q.shape[0], k.shape[0]
-    D, F = x.shape[0], hb.shape[0]
+    D, F = x.shape[0], s.hb.shape[0]
+    q8 = w.q8
     if t == 0:
-        if emb.shape[0] == 0:  # int8 with tied embeddings: the row of the int8 head is the embedding
+        if w.emb.shape[0] == 0:  # int8 with tied embeddings: the row of the int8 head is the embedding
             for i in range(D):
-                x[i] = numba.float32(q_out[token, i]) * s_out[token, i // QK]
+                x[i] = numba.float32(w.q_out[token, i]) * w.s_out[token, i // QK]
         else:
             for i in range(D):
-                x[i] = emb[token, i]
+                x[i] = w.emb[token, i]
     barrier(sync, T)
-    for l in range(attn_norm.shape[0]):
-        rmsnorm(x, attn_norm[l], eps, xb)
+    for l in range(w.attn_norm.shape[0]):
+        rmsnorm(x, w.attn_norm[l], eps, xb)
         r0, r1 = part(nq + 2 * nk, t, T)  # q, k and v rows as one range
-        rows(q8, False, wq[l], qw[0][l], qs[0][l], xb, q, min(r0, nq), min(r1, nq))
-        rows(q8, False, wk[l], qw[1][l], qs[1][l], xb, k, min(max(r0 - nq, 0), nk),
+        rows(q8, False, w.wq[l], w.qwq[l], w.swq[l], xb, q, min(r0, nq), min(r1, nq))
+        rows(q8, False, w.wk[l], w.qwk[l], w.swk[l], xb, k, min(max(r0 - nq, 0), nk),
              min(max(r1 - nq, 0), nk))
-        rows(q8, False, wv[l], qw[2][l], qs[2][l], xb, v, max(r0 - nq - nk, 0), max(r1 - nq - nk, 0))
+        rows(q8, False, w.wv[l], w.qwv[l], w.swv[l], xb, v, max(r0 - nq - nk, 0), max(r1 - nq - nk, 0))
         barrier(sync, T)
         for g in range(t, n_kv, T):
-            attention_group(q, k, v, k_cache[l], v_cache[l], g, attn_start[l, g], slot, n_rep, scale, cos[pos],
-                            sin[pos], att, ao, att_totals)
+            attention_group(q, k, v, cache.k[l], cache.v[l], g, cache.attn_start[l, g], slot, n_rep, scale,
+                            cache.cos[pos], cache.sin[pos], s.att, s.ao, s.att_totals)
         barrier(sync, T)
-        if track[l] and t == 0:  # att is next written after two more barriers
-            accumulate_prefix_attention(att, att_totals, attn_start[l], prefix_end, n_rep, mass)
-            mass_total[0] += att.shape[0]
+        if tr.track[l] and t == 0:  # att is next written after two more barriers
+            accumulate_prefix_attention(s.att, s.att_totals, cache.attn_start[l], tr.prefix_end, n_rep, tr.mass)
+            tr.mass_total[0] += s.att.shape[0]
         r0, r1 = part(D, t, T)
-        rows(q8, True, wo[l], qw[3][l], qs[3][l], ao, x, r0, r1)
+        rows(q8, True, w.wo[l], w.qwo[l], w.swo[l], s.ao, x, r0, r1)
         barrier(sync, T)
-        rmsnorm(x, ffn_norm[l], eps, xb)
+        rmsnorm(x, w.ffn_norm[l], eps, xb)
         r0, r1 = part(F, t, T)
-        rows_swiglu(q8, w1[l], w3[l], qw[4][l], qs[4][l], qw[5][l], qs[5][l], xb, hb, r0, r1)
+        rows_swiglu(q8, w.w1[l], w.w3[l], w.qw1[l], w.sw1[l], w.qw3[l], w.sw3[l], xb, s.hb, r0, r1)
         barrier(sync, T)
         r0, r1 = part(D, t, T)
-        rows(q8, True, w2[l], qw[6][l], qs[6][l], hb, x, r0, r1)
+        rows(q8, True, w.w2[l], w.qw2[l], w.sw2[l], s.hb, x, r0, r1)
         barrier(sync, T)
-    rmsnorm(x, norm, eps, xb)
-    r0, r1 = part(logits.shape[0], t, T)
-    rows(q8, False, out_w, q_out, s_out, xb, logits, r0, r1)
+    rmsnorm(x, w.norm, eps, xb)
+    r0, r1 = part(s.logits.shape[0], t, T)
+    rows(q8, False, w.out_w, w.q_out, w.s_out, xb, s.logits, r0, r1)
 
 
 @njit(cache=True, error_model="numpy")
@@ -184,7 +243,18 @@ class Engine:
         self.n_threads = default_threads(n_threads)
         numba.set_num_threads(self.n_threads)
 
-        # weights: read-only views of float32 arrays (never copies); float16 widened once to a float32 copy
+        self.n_rep = cfg.n_heads // cfg.n_kv_heads
+        self.scale = 1.0 / math.sqrt(cfg.hd)
+        self.eps = float(cfg.norm_eps)
+        self.capacity = self.prefix_capacity + self.max_ctx
+        self._take_weights(weights, q8)
+        self._make_cache()
+        self._make_scratch()
+
+    def _take_weights(self, weights: dict[str, np.ndarray], q8: dict | None) -> None:
+        """The weights as the kernels read them: read-only views of float32 arrays (never copies), float16
+        widened once to a float32 copy, and the int8 set when given (the float projections are then not kept)."""
+        cfg = self.cfg
         want = tensor_shapes(cfg)
         self.q8 = q8 is not None
         if self.q8:  # int8 runs the projections and the head: their float weights are not needed
@@ -211,8 +281,7 @@ class Engine:
         self.attention_norm = w["attention_norm"]
         self.ffn_norm = w["ffn_norm"]
         self.norm = w["norm"]
-        L, D, hd = cfg.n_layers, cfg.dim, cfg.hd
-        n_kv, F, V = cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size
+        L = cfg.n_layers
         # the weight set not run is a placeholder of the same type: fp32 and int8 share one compiled decode step
         f3, f2 = _readonly(np.zeros((L, 0, 0), np.float32)), _readonly(np.zeros((0, 0), np.float32))
         self.wq, self.wk, self.wv, self.wo, self.w1, self.w3, self.w2 = (w.get(n, f3) for n in LINEAR)
@@ -221,20 +290,18 @@ class Engine:
         self.q8_weights = self._check_q8(q8, tensor_shapes(cfg)) if self.q8 else {
             n: (_readonly(np.zeros((L, 0, 0), np.int8)), f3) for n in LINEAR} | {
             "output": (_readonly(np.zeros((0, 0), np.int8)), f2)}
-        kmax = padded(max(D, cfg.q_dim, F))
-        T = self.n_threads
-        self.xb = np.zeros((T, D), np.float32)  # decode scratch of each thread: the normed input of a projection
-        self.sync = np.zeros(STATE_SIZE, np.int64)  # the decode step's barrier
-        self._q8_args = (tuple(self.q8_weights[n][0] for n in LINEAR), tuple(self.q8_weights[n][1] for n in LINEAR),
-                         *self.q8_weights["output"], self.sync)
+        kmax = padded(max(cfg.dim, cfg.q_dim, cfg.ffn_dim))
         self._q8_tile = np.zeros(max(Q8_TILE_BYTES // 4, 8 * kmax) if self.q8 else 0, np.float32)
+        self._decode_weights = DecodeWeights(
+            self.tok_embeddings, self.attention_norm, self.wq, self.wk, self.wv, self.wo, self.ffn_norm, self.w1,
+            self.w3, self.w2, self.norm, self.output, self.q8,
+            *(a for n in LINEAR + ("output",) for a in self.q8_weights[n]))
 
-        self.n_rep = cfg.n_heads // cfg.n_kv_heads
-        self.scale = 1.0 / math.sqrt(hd)
-        self.eps = float(cfg.norm_eps)
-        self.capacity = self.prefix_capacity + self.max_ctx
-
-        # KV cache and memory-attention bookkeeping
+    def _make_cache(self) -> None:
+        """The KV cache (memories, then context; pages taken as written), the attention starts, the RoPE tables,
+        and the explicit-memory bookkeeping: memory layers, the prefix-attention tracker, the <ref> K/V."""
+        cfg = self.cfg
+        L, n_kv, hd = cfg.n_layers, cfg.n_kv_heads, cfg.hd
         self.k_cache = _lazy_zeros((L, n_kv, self.capacity, hd))
         self.v_cache = _lazy_zeros((L, n_kv, self.capacity, hd))
         self.attn_start = np.full((L, n_kv), self.prefix_capacity, np.int64)
@@ -242,28 +309,27 @@ class Engine:
         self._n_past = 0
         self.cos = self.sin = np.zeros((0, hd // 2), np.float32)
         self._ensure_positions(self.max_ctx)
-
-        # decode scratch (one token)
-        self.x = np.zeros(D, np.float32)
-        self.q = np.zeros(cfg.q_dim, np.float32)
-        self.k = np.zeros(cfg.kv_dim, np.float32)
-        self.v = np.zeros(cfg.kv_dim, np.float32)
-        self.ao = np.zeros(cfg.q_dim, np.float32)
-        self.hb = np.zeros(F, np.float32)
-        self.att = np.zeros((cfg.n_heads, self.capacity), np.float32)
-        self.att_totals = np.zeros(cfg.n_heads, np.float32)
-        self.logits = np.zeros(V, np.float32)
-
-        # explicit memory: which layers are memory layers, the prefix-attention tracker, the cached <ref> K/V
         self.memory_layers = list(cfg.memory_layer_ids)
         self.track = np.zeros(L, np.bool_)
         self.track[self.memory_layers] = True
         self.prefix_mass = np.zeros(self.prefix_capacity, np.float64)
         self.prefix_mass_total = np.zeros(1, np.float64)
+        self._tracking = Tracking(self.track, self.prefix_capacity, self.prefix_mass, self.prefix_mass_total)
         self._ref_kv: tuple[np.ndarray, np.ndarray] | None = None
         self._enc: dict[str, np.ndarray] = {}  # encode scratch, allocated on first use
 
-        # prefill scratch (one block of up to PREFILL_CHUNK tokens)
+    def _make_scratch(self) -> None:
+        """The decode step's buffers (one token; a normed-input row per thread) and the prefill's (one block of
+        up to PREFILL_CHUNK tokens)."""
+        cfg = self.cfg
+        D, F = cfg.dim, cfg.ffn_dim
+        self._scratch = DecodeScratch(
+            x=np.zeros(D, np.float32), xb=np.zeros((self.n_threads, D), np.float32),
+            q=np.zeros(cfg.q_dim, np.float32), k=np.zeros(cfg.kv_dim, np.float32),
+            v=np.zeros(cfg.kv_dim, np.float32), att=np.zeros((cfg.n_heads, self.capacity), np.float32),
+            att_totals=np.zeros(cfg.n_heads, np.float32), ao=np.zeros(cfg.q_dim, np.float32),
+            hb=np.zeros(F, np.float32), logits=np.zeros(cfg.vocab_size, np.float32),
+            sync=np.zeros(STATE_SIZE, np.int64))
         C = min(PREFILL_CHUNK, self.max_ctx)
         self.chunk = C
         self.px = np.zeros((C, D), np.float32)
@@ -436,14 +502,11 @@ class Engine:
             raise BadArgument(f"token id {token} is out of range [0, {self.cfg.vocab_size})")
         pos = self._check_room(1)
         numba.set_num_threads(self.n_threads)  # per calling thread in numba
-        _decode_step(t, self.prefix_capacity + self._n_past, pos, self.attn_start, self.eps, self.scale,
-                     self.n_rep, self.tok_embeddings, self.attention_norm, self.wq, self.wk, self.wv, self.wo,
-                     self.ffn_norm, self.w1, self.w3, self.w2, self.norm, self.output, self.cos, self.sin,
-                     self.k_cache, self.v_cache, self.x, self.xb, self.q, self.k, self.v, self.att,
-                     self.att_totals, self.ao, self.hb, self.logits, self.track, self.prefix_capacity,
-                     self.prefix_mass, self.prefix_mass_total, self.q8, *self._q8_args)
+        _decode_step(t, self.prefix_capacity + self._n_past, pos, self.eps, self.scale, self.n_rep,
+                     self._decode_weights, DecodeCache(self.k_cache, self.v_cache, self.attn_start, self.cos,
+                                                       self.sin), self._scratch, self._tracking)
         self._n_past += 1
-        return self.logits.copy()
+        return self._scratch.logits.copy()
 
     def prefill(self, ids, all_logits: bool = False) -> np.ndarray:
         """Append the tokens `ids` to the context with matrix-matrix work (blocks of PREFILL_CHUNK tokens).

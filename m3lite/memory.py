@@ -174,6 +174,25 @@ class MemorySession:
         self.retrieval_s += time.perf_counter() - t0
         return found
 
+    def fit(self, found: list[tuple[int, float]], render: Callable[[list[str]], object | None], context: int,
+            notes: list[str]):
+        """RAG: the most of the retrieved references `found` (best first) that fit the prompt. render(texts)
+        gives what to prefill with those references' texts, or None when it does not fit the `context`. The
+        references left out are removed from `found` and from those reported as used, and a note says so.
+        Returns render's result for the references kept (None when even none fit)."""
+        texts = [self.bank.reference(i)["text"] for i, _ in found]
+        for n in range(len(found), -1, -1):
+            got = render(texts[:n])
+            if got is not None:
+                break
+        if n < len(found):
+            notes.append(f"rag: {len(found) - n} of {len(found)} references left out: they do not fit the context "
+                         f"({context} tokens)")
+            for j, _ in found[n:]:
+                self.hits.pop(j, None)
+            del found[n:]
+        return got
+
     def install(self, engine, token_ids: Sequence[int], exclude: Iterable[int | str] | None = None) -> None:
         """Retrieve for `token_ids` and put those memories in front of the context at the memory layers
         (`exclude`: references or documents not to retrieve, as in `retrieve`)."""
@@ -208,10 +227,15 @@ class MemorySession:
             self.hits[rid].mass += float(mass[a:b].sum())
         engine.reset_prefix_attention()
 
-    def finish(self, engine) -> None:
-        """Call after generation: takes in the attention of the last memories installed."""
+    def finish(self, engine, result=None) -> None:
+        """Call after generation: takes in the attention of the last memories installed; with a
+        GenerationResult, puts the retrieval time and the references used (with their share of the memory
+        attention) in it."""
         if self.mode == "memory":
             self.collect_attention(engine)
+        if result is not None:
+            result.retrieval_s = self.retrieval_s
+            result.references = self.references()
 
     def references(self, attention: bool = True) -> list[dict]:
         out = []

@@ -231,21 +231,14 @@ class Model:
 
     def _rag_ids(self, session, query, with_refs, max_new_tokens: int, notes: list[str]) -> list[int]:
         """The prompt with as many references retrieved for `query` as fit the context (best first)."""
-        found = session.retrieve(query)
         budget = self.config.max_seq_len - max(1, max_new_tokens)
-        texts: list[str] = []
-        ids = with_refs([])
-        for n, (i, _) in enumerate(found):
-            cand = with_refs(texts + [session.bank.reference(i)["text"]])
-            if len(cand) > budget:
-                notes.append(f"rag: {len(found) - n} of {len(found)} references left out: the context holds "
-                             f"{self.config.max_seq_len} tokens")
-                for j, _ in found[n:]:
-                    session.hits.pop(j, None)
-                break
-            texts.append(session.bank.reference(i)["text"])
-            ids = cand
-        return ids
+
+        def render(texts: list[str]) -> list[int] | None:
+            ids = with_refs(texts)
+            return ids if len(ids) <= budget else None
+
+        ids = session.fit(session.retrieve(query), render, self.config.max_seq_len, notes)
+        return ids if ids is not None else with_refs([])  # too long even alone: the prefill says so
 
     def _raw_with_refs(self, ids: list[int]):
         """For a raw prompt (`generate`): references go before it, in the plain RAG format."""
@@ -280,12 +273,9 @@ class Model:
                 yield from _stream(eng, self.tokenizer, ids, params, result, cancel=cancel, memory=memory)
             finally:
                 if session is not None:
-                    if memory is not None:
-                        session.finish(eng)
-                    else:  # rag: retrieval happens before the prefill; count it in time to first token
+                    session.finish(eng, result)
+                    if memory is None:  # rag: retrieval happens before the prefill; count it in time to first token
                         result.ttft_s += t_rag
-                    result.retrieval_s = session.retrieval_s
-                    result.references = session.references()
 
     def generation_lock(self):
         """A context manager holding this model for one generation (or any use of its engines); BusyError at

@@ -30,6 +30,18 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """llama-cpp-python opens os.devnull twice at import and never closes it: close those here, so that the run
+    ends without a ResourceWarning (the llama.cpp parity tests import it in this process)."""
+    import sys
+
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        f = getattr(utils, name, None)
+        if f is not None and hasattr(f, "close"):
+            f.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def sentence_embedder():
     """Banks embed their references with the sentence embedder: it is pulled once into the user's (or CI's)

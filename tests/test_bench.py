@@ -9,21 +9,21 @@ import shutil
 import pytest
 from clitools import one_line_error, run
 
-from m3bench.bench import ROWS, _add_ratios, weight_bytes_per_token
+from m3bench.bench import LOAD_ROWS, ROWS, BusyCore, _add_ratios, weight_bytes_per_token
 from m3lite.config import ModelConfig
 from m3lite.modelfile import cache_dir
 
 
 @pytest.fixture(scope="module")
 def bench_run(tiny_model_dir, tmp_path_factory):
-    """One `m3lite bench --preset tiny --json --repeats 1 --report FILE.md` in an empty cache (the tokenizers are
-    copied in, so nothing is trained again)."""
+    """One `m3lite bench --preset tiny --json --repeats 1 --under-load --report FILE.md` in an empty cache (the
+    tokenizers are copied in, so nothing is trained again)."""
     tiny_model_dir()  # the tiny tokenizer is in the user's cache now
     tmp = tmp_path_factory.mktemp("bench")
     cache = tmp / "cache"
     shutil.copytree(cache_dir() / "tokenizers", cache / "tokenizers")
     env = dict(os.environ, M3LITE_CACHE=str(cache))
-    p = run("bench", "--preset", "tiny", "--json", "--repeats", 1, "--report", tmp / "bench.md", env=env,
+    p = run("bench", "--preset", "tiny", "--json", "--repeats", 1, "--under-load", "--report", tmp / "bench.md", env=env,
             timeout=1800)
     return json.loads(p.stdout), tmp / "bench.md"
 
@@ -38,7 +38,8 @@ def test_json_structure(bench_run):
     assert res["settings"]["prompt_tokens"] == 128 and res["settings"]["new_tokens"] == 128
     assert res["settings"]["batch"] == 1 and res["settings"]["repeats"] == 1
     assert res["machine"]["copy_bandwidth_gb_s"] > 0 and res["machine"]["physical_cores"] >= 1
-    assert [(r["runtime"], r["precision"], r["mode"]) for r in res["rows"]] == ROWS
+    assert [(r["runtime"], r["precision"], r["mode"]) for r in res["rows"]] == ROWS + LOAD_ROWS
+    assert [r["load"] for r in res["rows"]] == ["quiet"] * len(ROWS) + ["1 busy process"] * len(LOAD_ROWS)
     llama = _installed("llama_cpp")
     assert res["baseline"] == ("llama.cpp" if llama else "m3lite fp32")
     for r in res["rows"]:
@@ -55,7 +56,7 @@ def test_json_structure(bench_run):
         assert all(v > 0 for v in r["ratio"].values())
         if r["mode"] == "memory":
             assert r["references"] >= 5  # 5 per 64-token chunk
-    status = {(r["runtime"], r["precision"], r["mode"]): r["status"] for r in res["rows"]}
+    status = {(r["runtime"], r["precision"], r["mode"]): r["status"] for r in res["rows"] if r["load"] == "quiet"}
     for mode in ("none", "memory", "rag"):
         assert status["m3lite", "fp32", mode] == "ok"
     assert status["onnxruntime", "fp32", "none"] == "ok"
@@ -64,11 +65,37 @@ def test_json_structure(bench_run):
     assert "fp32_decode_memory_over_none" in res["memory"] and "fp32_ttft_memory_over_rag" in res["memory"]
 
 
+def test_under_load_rows_are_compared_with_the_quiet_ones(bench_run):
+    res, _ = bench_run
+    ul = res["under_load"]
+    assert ul["load"] == "1 busy process" and {"m3lite fp32", "m3lite int8", "onnxruntime fp32"} <= set(ul["kept"])
+    for k, v in ul["kept"].items():
+        assert v["decode"] > 0 and v["ttft"] > 0, k
+    loaded = [r for r in res["rows"] if r["load"] != "quiet" and r["status"] == "ok"]
+    assert loaded and all(r["ratio_to"] for r in loaded)  # ratios within the loaded rows
+    if _installed("llama_cpp"):
+        assert ul["m3lite_int8_over_llama_cpp_under_load"]["decode"] > 0
+
+
+def test_busy_core_burns_a_core_while_it_lasts():
+    import time
+
+    with BusyCore() as busy:
+        stat = f"/proc/{busy.p.pid}/stat"
+        t0 = time.monotonic()
+        time.sleep(0.5)
+        with open(stat) as f:
+            ticks = sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])  # utime + stime
+        assert ticks / os.sysconf("SC_CLK_TCK") > 0.5 * (time.monotonic() - t0)  # it ran most of that time
+    assert busy.p.poll() is not None  # gone after the block
+
+
 def test_report_file(bench_run):
     res, md = bench_run
     text = md.read_text()
     assert res["report"] == str(md)
     assert "| runtime |" in text and "m3lite" in text and "onnxruntime" in text
+    assert "| 1 busy process |" in text and "Under load (1 busy process)" in text
 
 
 def test_weight_bytes_per_token():

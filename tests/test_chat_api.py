@@ -173,3 +173,26 @@ def test_examples_run(chat_model, notes_dir, tmp_path):
     p = subprocess.run([sys.executable, examples / "desktop_chat.py", "--model", model], capture_output=True,
                        text=True, env=dict(env, DISPLAY=""), timeout=600)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "desktop_chat" in p.stderr
+
+
+def test_rag_leaves_out_the_references_that_do_not_fit(tiny_model_dir, notes_dir, tmp_path):
+    """ask and Chat fit RAG references the same way: the best-ranked ones that fit the context with room for
+    the answer; those left out are neither in the prompt nor reported as used, and a note says how many."""
+    from m3lite.memory import build_or_add, search_bank
+
+    model_dir = tiny_model_dir(tie_embeddings=False, max_seq_len=180)
+    build_or_add(m3lite.load(model_dir), tmp_path / "bank", [str(notes_dir)], warn=lambda msg: None)
+    model, bank = m3lite.load(model_dir), m3lite.Bank.open(tmp_path / "bank")
+    q = "volcano lava bread dough Nile river"  # finds every note
+    found = search_bank(model, bank, q, model.config.retrieval_top_k)
+    msgs = [{"role": "user", "content": q}]
+    fits = [n for n in range(len(found) + 1)
+            if len(model.prompt(msgs, [r["text"] for r in found[:n]])) <= model.config.max_seq_len - 8]
+    n = max(fits)
+    assert 0 < n < len(found)  # the setting this test needs: some references fit, not all
+    model.ask(q, bank=bank, mode="rag", max_new_tokens=8)
+    chat = model.chat(bank=bank, mode="rag", max_new_tokens=8)
+    chat.send(q)
+    for r in (model.last_result, chat.last_result):
+        assert [x["id"] for x in r.references] == [x["id"] for x in found[:n]]
+        assert any(f"{len(found) - n} of {len(found)} references left out" in note for note in r.notes)
