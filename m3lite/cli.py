@@ -229,8 +229,9 @@ def _warn(msg: str) -> None:
 
 @contextmanager
 def _progress_bar(what: str, quiet: bool = False, rate: bool = False):
-    """A progress bar on stderr when it is a terminal (count, optional items/s, elapsed, ETA); yields
-    update(done, total, description=None)."""
+    """A progress bar on stderr when it is a terminal (count, optional items/s, elapsed, ETA); else (a log
+    file) a plain line every PROGRESS_LINE_S seconds and one at the end. Yields update(done, total,
+    description=None)."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
@@ -238,16 +239,37 @@ def _progress_bar(what: str, quiet: bool = False, rate: bool = False):
     cols = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn()]
     cols += [TextColumn("{task.fields[rate]} refs/s")] if rate else []
     cols += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*cols, console=Console(stderr=True), disable=quiet or not sys.stderr.isatty()) as bar:
+    lines = not quiet and not sys.stderr.isatty()
+    with Progress(*cols, console=Console(stderr=True), disable=quiet or lines) as bar:
         task = bar.add_task(what, total=None, rate="-")
         t0 = time.monotonic()
+        said = [t0, None]  # when the last plain line was written, and the last state
 
         def update(done: int, total: int, description: str | None = None) -> None:
             extra = {"description": description} if description else {}
-            bar.update(task, total=total, completed=done, rate=f"{done / max(time.monotonic() - t0, 1e-9):.0f}",
-                       **extra)
+            per_s = done / max(time.monotonic() - t0, 1e-9)
+            bar.update(task, total=total, completed=done, rate=f"{per_s:.0f}", **extra)
+            said[1] = (done, total, description or what, per_s)
+            if lines and time.monotonic() - said[0] >= PROGRESS_LINE_S:
+                said[0] = time.monotonic()
+                _progress_line(*said[1], time.monotonic() - t0)
 
         yield update
+        if lines and said[1] is not None and said[1][0]:
+            _progress_line(*said[1], time.monotonic() - t0, final=True)
+
+
+PROGRESS_LINE_S = 30  # without a terminal, a progress line this often
+
+
+def _progress_line(done: int, total: int, what: str, per_s: float, elapsed: float, final: bool = False) -> None:
+    eta = "" if final or not total or per_s <= 0 else f", about {_duration((total - done) / per_s)} left"
+    typer.echo(f"m3lite: {what}: {done:,}{f' of {total:,}' if total else ''} in {_duration(elapsed)}"
+               f"{' (done)' if final else ''}{eta}", err=True)
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min"
 
 
 @contextmanager
@@ -413,13 +435,15 @@ def _print_reference(n: int, r: dict) -> None:
 
 def _default_bank(m, model_option: Optional[Path], quiet: bool) -> Path:
     """With neither --model nor --bank: the default bank (wiki:en), built into the cache on first use."""
-    from .defaults import default_bank_dir, ensure_default_bank
+    from .defaults import default_bank_built, default_bank_dir, ensure_default_bank
 
     if model_option is not None:
         raise M3Error("this mode needs a bank: pass --bank BANK (build one with `m3lite bank build SOURCE --out "
                       "BANK --model DIR`), or use --mode none")
     path = default_bank_dir(m)
-    if not (path.with_name(path.name + ".complete")).is_file() and not quiet:
+    if default_bank_built(m):
+        return path  # built: no progress bar to flash
+    if not quiet:
         typer.echo(f"building the default bank (Wikipedia summaries) for this model in {path}; "
                    f"this happens once", err=True)
     with _build_progress(quiet=quiet, what="building the default bank") as progress:

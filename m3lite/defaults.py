@@ -60,17 +60,24 @@ def default_bank_ready(model) -> bool:
     return bool(os.environ.get("M3LITE_DEFAULT_SOURCES")) or path.with_name(path.name + ".complete").is_file()
 
 
+def default_bank_built(model) -> bool:
+    """True when the default bank of `model` is built (its marker is written after the last reference)."""
+    from .bank import Bank
+
+    path = default_bank_dir(model)
+    return path.with_name(path.name + ".complete").is_file() and Bank.exists(path)
+
+
 def ensure_default_bank(model, progress=None, warn=print) -> Path:
     """The default bank of `model`: built on first use (resumable, with `progress`), then opened as it is.
 
     A marker beside the bank records a finished build, so later starts do not re-read the sources."""
-    from .bank import Bank
     from .memory import build_or_add
 
     path = default_bank_dir(model)
-    done = path.with_name(path.name + ".complete")
-    if done.is_file() and Bank.exists(path):
+    if default_bank_built(model):
         return path
+    done = path.with_name(path.name + ".complete")
     path.parent.mkdir(parents=True, exist_ok=True)
     build_or_add(model, path, default_sources(), quant=DEFAULT_QUANT, warn=warn, progress=progress)
     atomic_write_bytes(done, (model.fingerprint + "\n").encode())

@@ -171,3 +171,60 @@ def bar_chart(panels: Sequence[tuple[str, Sequence[tuple[str, float | None]]]], 
         if p:
             _line(img, x0, top, x0, bottom + 28, GREY)
     return png_bytes(img)
+
+
+def scatter_chart(series: Sequence[tuple[str, Sequence[tuple[float, float, str]]]], x_title: str, y_title: str,
+                  log_x: bool = True, y_max: float | None = None, join: bool = False, width: int = 760,
+                  height: int = 460) -> bytes:
+    """PNG bytes of labelled points: series[i] = (name, [(x, y, point label), ...]), one colour per series (in
+    a legend on top), each point's label written beside it, its points joined in the order given with `join`.
+    x on a log scale by default (ticks at powers of ten), y from 0 to `y_max` (default: its largest value)."""
+    pts = [(name, [(float(x), float(y), lab) for x, y, lab in p if np.isfinite(x) and np.isfinite(y)
+                   and (x > 0 or not log_x)]) for name, p in series]
+    img = np.full((height, width, 3), WHITE, np.uint8)
+    xs = [x for _, p in pts for x, _, _ in p]
+    ys = [y for _, p in pts for _, y, _ in p]
+    legend_h = 10 + 18 * len(pts)
+    left, right, top, bottom = 60, 30, legend_h + 14, 50
+    for i, (name, _) in enumerate(pts):
+        _box(img, 10, 10 + 18 * i, 20, 20 + 18 * i, COLORS[i % len(COLORS)])
+        _text(img, 26, 10 + 18 * i, name.upper())
+    if not xs:
+        return png_bytes(img)
+    fx = np.log10 if log_x else (lambda v: v)
+    x0, x1 = float(fx(min(xs))), float(fx(max(xs)))
+    if log_x:
+        x0, x1 = np.floor(x0), np.ceil(x1)
+    if x1 == x0:
+        x1 = x0 + 1
+    y1 = y_max if y_max else max(max(ys), 1e-9) * 1.08
+    W, H = width - left - right, height - top - bottom
+
+    def px(x, y):
+        return left + (fx(x) - x0) / (x1 - x0) * W, top + (y1 - y) / y1 * H
+
+    for k in range(6):
+        yv = y1 * k / 5
+        _, yp = px(10 ** x0 if log_x else x0, yv)
+        _line(img, left, yp, left + W, yp, GREY)
+        _text(img, 4, int(yp) - 5, f"{yv:.3g}")
+    ticks = [10 ** e for e in range(int(x0), int(x1) + 1)] if log_x else list(np.linspace(x0, x1, 6))
+    for t in ticks:
+        xp, _ = px(t, 0)
+        _line(img, xp, top + H, xp, top + H + 5, BLACK)
+        s = f"{t:.0e}".replace("e+0", "e") if log_x else f"{t:.3g}"
+        _text(img, int(xp) - text_width(s) // 2, top + H + 10, s)
+    _line(img, left, top, left, top + H, BLACK)
+    _line(img, left, top + H, left + W, top + H, BLACK)
+    _text(img, left + (W - text_width(x_title)) // 2, top + H + 30, x_title.upper())
+    _text(img, left + 4, top - 12, y_title.upper())
+    for i, (_, p) in enumerate(pts):
+        color = COLORS[i % len(COLORS)]
+        xy = [px(x, y) for x, y, _ in p]
+        for (a0, b0), (a1, b1) in zip(xy, xy[1:]) if join else ():
+            _line(img, a0, b0, a1, b1, color)
+        for (a, b), (_, _, lab) in zip(xy, p):
+            _box(img, a - 3, b - 3, a + 4, b + 4, color)
+            if lab:
+                _text(img, int(a) + 6, int(b) - 12, lab.upper(), color=color)
+    return png_bytes(img)

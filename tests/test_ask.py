@@ -203,3 +203,15 @@ def test_killed_bank_add_keeps_last_commit_and_resumes(tiny_model_dir, tmp_path)
     b.verify()
     assert len(b.docs) == n_docs + 1
     assert len({d["sha256"] for d in b.docs}) == n_docs + 1
+
+
+def test_long_work_says_what_it_does_without_a_terminal(tiny_model_dir, notes, tmp_path):
+    """stderr is a pipe here (a log file for a user): no progress bar, but a line that says what was done,
+    how much and how long; --json stays quiet."""
+    model = tiny_model_dir()
+    p = run("bank", "build", notes, "--out", tmp_path / "bank", "--model", model)
+    lines = [s for s in p.stderr.splitlines() if s.startswith("m3lite: encoding references:")]
+    assert len(lines) == 1 and "(done)" in lines[0] and " s" in lines[0], p.stderr
+    assert "\r" not in p.stderr and "\x1b[" not in p.stderr  # nothing a terminal bar would draw
+    q = run("bank", "build", notes, "--out", tmp_path / "bank2", "--model", model, "--json")
+    assert "m3lite:" not in q.stderr
