@@ -292,7 +292,8 @@ def _progress_build(model, out: Path, sources: list[str], quant: str, create: bo
                    f"{stats['references_per_s']:.0f} refs/s; the bank holds {stats['count']} references")
 
 
-QUANT_HELP = "How memories are stored: int8 (default), int4, f16 or f32."
+QUANT_HELP = ("How memories are stored: int8 (default), int4, pq (product quantization: 16 bytes per 64-value "
+              "vector, codebooks trained on the bank's first references), f16 or f32.")
 
 
 @bank_app.command("build")

@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import BadArgument
 
-MODES = ("f32", "f16", "int8", "int4")
+MODES = ("f32", "f16", "int8", "int4", "pq")  # pq: product quantization with the bank's codebooks (m3lite.pq)
 QMAX = {"int8": 127, "int4": 7}
 _F16_MAX = float(np.finfo(np.float16).max)
 
@@ -37,12 +37,16 @@ def _check_mode(mode: str) -> None:
 def storage_dtype(mode: str) -> np.dtype:
     """dtype of the stored values of one mode."""
     _check_mode(mode)
-    return np.dtype({"f32": "<f4", "f16": "<f2", "int8": "i1", "int4": "u1"}[mode])
+    return np.dtype({"f32": "<f4", "f16": "<f2", "int8": "i1", "int4": "u1", "pq": "u1"}[mode])
 
 
 def packed_dim(head_dim: int, mode: str) -> int:
     """Number of stored elements per vector of `head_dim` values."""
     _check_mode(mode)
+    if mode == "pq":
+        from .pq import n_codes
+
+        return n_codes(head_dim)
     if mode == "int4":
         if head_dim % 2:
             raise BadArgument(f"int4 quantization needs an even head dimension, got {head_dim}")
@@ -74,8 +78,11 @@ def _scales(x: np.ndarray, qmax: int) -> np.ndarray:
 
 
 def quantize(x: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Quantize `x` along its last axis; returns (stored values, float16 scales or None)."""
+    """Quantize `x` along its last axis; returns (stored values, float16 scales or None). Not pq: that needs a
+    bank's codebooks (m3lite.pq.encode)."""
     _check_mode(mode)
+    if mode == "pq":
+        raise BadArgument("pq codes are made with a bank's codebooks: m3lite.pq.encode")
     x = np.asarray(x, dtype=np.float32)
     if not np.all(np.isfinite(x)):
         raise BadArgument("cannot quantize non-finite values (NaN or infinity)")
@@ -102,6 +109,8 @@ def quantize(x: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray | None]:
 def dequantize(q: tuple[np.ndarray, np.ndarray | None], mode: str) -> np.ndarray:
     """Inverse of `quantize`: `q` is its (values, scales) pair; returns float32 of the original shape."""
     _check_mode(mode)
+    if mode == "pq":
+        raise BadArgument("pq codes are decoded with a bank's codebooks: m3lite.pq.decode")
     data, scales = q
     data = np.asarray(data)
     if mode in ("f32", "f16"):

@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from .. import memory_quant as Q
+from .. import pq as PQ
 from ..errors import BadArgument, another_model
 from ..lexical import TermIndex, read_array_file, term_ids, top, top_k
 from ..sources import Document, chunk_document
 from .format import (BankError, CHECKS, CHECK_DTYPE, DATA_FILES, DELETED, DOCS, EXACT_BELOW, FORMAT, FingerprintError,
                      HASHED, HNSW_EF_SEARCH, LOCK, MANIFEST, MEM, MemShape, REFS, REF_DTYPE, TERMS, TEXTS, TOKENS,
-                     VECS, VERSION, _ARRAY_NAME, _INDEX_NAME, _Lock, _TMP_NAME, _atomic_write, _hash_prefix, _map,
+                     VECS, VERSION, _ARRAY_NAME, _INDEX_NAME, _Lock, _TMP_NAME, _hash_prefix, _map,
                      _read_manifest, _write_manifest, foreign_bank, record_dtype)
 from .index import HnswIndex, _build_lexical, _file_ok, _normalize
 from .writer import _Writer
@@ -178,6 +179,7 @@ class Bank:
             self._dead[doc["first"]:doc["first"] + doc["count"]] = True
         self._index = None
         self._index_info = m.get("index")
+        self._codebooks: np.ndarray | None = None
 
     def _read_docs(self, length: int, n_docs: int) -> list[dict]:
         fp = self.path / DOCS
@@ -254,7 +256,15 @@ class Bank:
         rec = self._mem[a] if a.size else np.zeros(0, self.rec_dtype)
         for i in a.tolist():  # on the mapped bytes: a copy of a padded record need not copy its padding
             self._check(i, "memory", self._mem[i:i + 1])
-        if Q.has_scales(self.quant):
+        if self.quant == "pq":
+            cb = self.codebooks()
+            if cb is None:
+                if a.size:
+                    raise self._damaged(int(a[0]), "memory")  # records without the codebooks they were made with
+                cb = np.zeros((self.shape.n_memory_layers, self.shape.n_kv_heads, 2, rec["k"].shape[-1],
+                               PQ.CENTROIDS, PQ.SUB_DIM), np.float32)
+            k, v = PQ.decode(rec["k"], cb, 0), PQ.decode(rec["v"], cb, 1)
+        elif Q.has_scales(self.quant):
             k = Q.dequantize((rec["k"], rec["k_scale"]), self.quant)
             v = Q.dequantize((rec["v"], rec["v_scale"]), self.quant)
         else:
@@ -302,6 +312,17 @@ class Bank:
                 self._check(s + i, "vector", rows[i])
         self._vectors_checked = max(self._vectors_checked, hi)
 
+    def codebooks(self) -> np.ndarray | None:
+        """A pq bank's codebooks (m3lite.pq), None before its first references; read once, checked."""
+        if self._codebooks is None and PQ.CODEBOOKS in self.manifest.get("arrays", {}):
+            s = self.shape
+            try:
+                self._codebooks = PQ.check_codebooks(self.get_array(PQ.CODEBOOKS), s.n_memory_layers, s.n_kv_heads,
+                                                     s.head_dim)
+            except BadArgument as e:
+                raise BankError(f"bank {self.path}: {e}; the bank is damaged: rebuild it") from None
+        return self._codebooks
+
     def array_names(self) -> list[str]:
         return sorted(self.manifest.get("arrays", {}))
 
@@ -333,10 +354,7 @@ class Bank:
         data = buf.getvalue()
         sha = hashlib.sha256(data).hexdigest()
         with self._writer() as w:
-            fname = f"array.{name}.{sha[:16]}.npy"
-            _atomic_write(self.path / fname, data)
-            w.arrays[name] = {"file": fname, "bytes": len(data), "sha256": sha}
-            w.dirty = True
+            w.store_array(name, data, sha)
             w.commit(final=True, stats={}, save_index=False)
 
     def _exact(self, v: np.ndarray, k: int, lo: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -612,10 +630,13 @@ class Bank:
             since = 0
             last = time.monotonic()
 
+            def first_batch() -> int:  # a pq bank trains its codebooks on the first batch: a larger one
+                return max(batch, PQ.TRAIN_REFS) if self.quant == "pq" and w.codebooks is None else batch
+
             def flush(final: bool) -> None:
                 nonlocal group, n_group, since, last
                 if group:
-                    w.append(group, encode_fn, embed_fn, batch)
+                    w.append(group, encode_fn, embed_fn, first_batch())
                     since += n_group
                     group, n_group = [], 0
                 if final or since >= commit_every or time.monotonic() - last >= commit_seconds:
@@ -640,7 +661,7 @@ class Bank:
                 st["documents_added"] += 1
                 st["added"] += len(refs)
                 st["tokens"] += sum(len(r.ids) for r in refs)
-                if n_group >= batch:
+                if n_group >= first_batch():
                     flush(False)
             flush(True)
         dt = time.monotonic() - t0

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import memory_quant as Q
+from .. import pq as PQ
 from ..lexical import array_file_bytes, term_ids
 from ..sources import Document
 from .format import (BankError, CHECKS, CHECK_DTYPE, DATA_FILES, DELETED, DOCS, HASHED, INDEX_SAVE_MIN_TAIL, MANIFEST,
@@ -59,6 +60,7 @@ class _Writer:
         self._reported: dict[str, int] = {}
         self.dirty = False  # written since the last commit
         self.arrays: dict[str, dict] = {k: dict(v) for k, v in m.get("arrays", {}).items()}
+        self.codebooks = bank.codebooks() if bank.quant == "pq" else None  # trained on the first batch if None
 
     def close(self) -> None:
         for f in self.f.values():
@@ -175,8 +177,14 @@ class _Writer:
                 raise BankError("embed_fn returned non-finite values")
             vecs = _normalize(vecs)
             rec = np.zeros(B, rdt)
-            kq, ks = Q.quantize(keys * valid[..., None], b.quant)
-            vq, vs = Q.quantize(values * valid[..., None], b.quant)
+            if b.quant == "pq":
+                if self.codebooks is None:
+                    self._store_codebooks(PQ.train(keys, values, cnt))
+                kq, ks = PQ.encode(keys, self.codebooks, 0) * valid[..., None], None
+                vq, vs = PQ.encode(values, self.codebooks, 1) * valid[..., None], None
+            else:
+                kq, ks = Q.quantize(keys * valid[..., None], b.quant)
+                vq, vs = Q.quantize(values * valid[..., None], b.quant)
             rec["k"], rec["v"] = kq, vq
             if ks is not None:
                 rec["k_scale"], rec["v_scale"] = ks, vs
@@ -234,6 +242,22 @@ class _Writer:
             self.live_hashes.add(doc.sha256)
             self.live_ids[doc.id] = idx
             first += len(rs)
+
+    def store_array(self, name: str, data: bytes, sha: str) -> None:
+        """A named array file (`Bank.put_array`'s format), recorded by the next commit."""
+        fname = f"array.{name}.{sha[:16]}.npy"
+        _atomic_write(self.b.path / fname, data)
+        self.arrays[name] = {"file": fname, "bytes": len(data), "sha256": sha}
+        self.dirty = True
+
+    def _store_codebooks(self, cb: np.ndarray) -> None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, cb, allow_pickle=False)
+        data = buf.getvalue()
+        self.store_array(PQ.CODEBOOKS, data, hashlib.sha256(data).hexdigest())
+        self.codebooks = cb
 
     def commit(self, final: bool, stats: dict, save_index: bool | None = None, force_lexical: bool = False) -> None:
         b = self.b
