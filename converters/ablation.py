@@ -7,7 +7,7 @@ and the small held-out Wikipedia bank it evaluates on.
         instead of all ~1,000 held-out articles: the ablation's 12 settings would take hours)
 
 DIR holds one folder per setting, named LAYERS-TOKENS-VARIANT[-QUANT] (layers: half | all; tokens: 8 | 32 | all;
-variant: unadapted | adapted; quant: int8 when absent, or int4), each with the outputs of m3lite's commands:
+variant: unadapted | adapted; quant: int8 when absent, int4 or pq), each with the outputs of m3lite's commands:
 
     build.json     `m3lite bank build ... --json` on the made-up-facts notes (references encoded per second)
     info.json      `m3lite bank info ... --json` (memory bytes per reference)
@@ -30,7 +30,7 @@ from m3lite.errors import BadArgument, M3Error
 from m3lite.modelfile import atomic_write_bytes
 from m3lite.plot import scatter_chart
 
-NAME = re.compile(r"^(half|all)-(8|32|all)-(unadapted|adapted)(?:-(int8|int4))?$")
+NAME = re.compile(r"^(half|all)-(8|32|all)-(unadapted|adapted)(?:-(int8|int4|pq))?$")
 LAYERS = {"half": "first half", "all": "all"}
 
 
@@ -115,14 +115,14 @@ def chart(rows: list[dict]) -> bytes:
     """Made-up facts `contains` (one reference) against memory bytes per reference, a series per variant."""
     series = []
     for variant in ("unadapted", "adapted"):
-        pts = [(r["bytes_per_ref"], r["facts_1"], f"{r['layers']}/{r['tokens']}" + ("/4b" if r["quant"] == "int4"
-                                                                                    else ""))
+        pts = [(r["bytes_per_ref"], r["facts_1"], f"{r['layers']}/{r['tokens']}"
+                + ("" if r["quant"] == "int8" else f"/{r['quant']}"))
                for r in rows if r["variant"] == variant and r["bytes_per_ref"] and r["facts_1"] is not None]
         series.append((f"{variant}: made-up facts contains % (1 reference)", sorted(pts)))
     return scatter_chart(series, "memory bytes per reference", "contains %", y_max=100)
 
 
-def wiki_bank(model_dir: Path, out: Path, articles: int) -> dict:
+def wiki_bank(model_dir: Path, out: Path, articles: int, quant: str = "int8") -> dict:
     """Build `out`: the first `articles` held-out English articles that `m3lite eval --limit` takes, in its
     order (held out, with a description), encoded by the model at `model_dir`. Returns the build statistics."""
     from m3lite.heldout import is_held_out
@@ -134,7 +134,7 @@ def wiki_bank(model_dir: Path, out: Path, articles: int) -> dict:
         raise BadArgument(f"--articles must be at least 1, got {articles}")
     want = [t for t, a in wiki_articles("en").items() if is_held_out(t) and a["description"]][:articles]
     docs = {d.title: d for d in wiki_documents("en", "wiki:en:heldout", held_out=True)}
-    return build_or_add(Model.load(model_dir), out, [docs[t] for t in want if t in docs], quant="int8")
+    return build_or_add(Model.load(model_dir), out, [docs[t] for t in want if t in docs], quant=quant)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--model", type=Path, required=True)
     w.add_argument("--out", type=Path, required=True)
     w.add_argument("--articles", type=int, default=50)
+    w.add_argument("--quant", default="int8", help="how memories are stored (as `m3lite bank build --quant`)")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "wiki-bank":
-            print(json.dumps(wiki_bank(a.model, a.out, a.articles)))
+            print(json.dumps(wiki_bank(a.model, a.out, a.articles, a.quant)))
             return 0
         if not a.dir.is_dir():
             raise BadArgument(f"{a.dir} is not a folder")

@@ -113,16 +113,17 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def _atomic_file(path: Path):
-    """An open binary file whose content replaces `path` when the block ends (a unique `NAME.*.tmp` beside it,
-    fsync, rename, fsync of the folder); readers see the old or the new content, never a part. An exception
-    leaves `path` as it was."""
+def atomic_path(path: Path):
+    """A unique temporary path beside `path` (`NAME.*.tmp`) for the block to write (by any means, e.g. a
+    library that takes a file name); when the block ends the file is fsynced and renamed to `path`, and the
+    folder fsynced: readers see the old or the new content, never a part. An exception leaves `path` as it
+    was and removes the temporary file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -130,6 +131,13 @@ def _atomic_file(path: Path):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextmanager
+def _atomic_file(path: Path):
+    """An open binary file whose content replaces `path` when the block ends (see `atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

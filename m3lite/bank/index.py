@@ -3,7 +3,6 @@ from the stored terms; what a reference is indexed by."""
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..lexical import TermIndex
+from ..modelfile import atomic_path
 from .format import (BankError, CHECKS, CHECK_DTYPE, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, REFS, REF_DTYPE,
                      TERMS, _hash_prefix, _map)
 
@@ -70,19 +70,10 @@ class HnswIndex:
 
     def save(self, path: Path) -> dict[str, Any]:
         """Write the index atomically; returns its size and sha256 for the manifest."""
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            self.index.save_index(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+        with atomic_path(path) as tmp:
+            self.index.save_index(str(tmp))
             size = os.path.getsize(tmp)
-            sha = _hash_prefix(Path(tmp), size).hexdigest()
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+            sha = _hash_prefix(tmp, size).hexdigest()
         return {"bytes": size, "sha256": sha}
 
 
