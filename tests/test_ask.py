@@ -154,6 +154,7 @@ def test_damaged_banks_refused_in_one_line(built, tmp_path):
     one_line_error(run("bank", "info", tmp_path / "missing", check=False))
 
 
+@pytest.mark.slow
 def test_one_megabyte_single_line(tiny_model_dir, tmp_path):
     words = ("alpha beta gamma delta epsilon zeta eta theta " * 30000)[: 1 << 20]
     (tmp_path / "big.txt").write_text(words)
@@ -162,6 +163,7 @@ def test_one_megabyte_single_line(tiny_model_dir, tmp_path):
     assert out["added"] > 1000
 
 
+@pytest.mark.slow
 def test_killed_bank_add_keeps_last_commit_and_resumes(tiny_model_dir, tmp_path):
     """SIGKILL a real `m3lite bank add` at random moments: the bank always opens at a commit and verifies."""
     import random

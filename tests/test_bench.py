@@ -32,6 +32,7 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+@pytest.mark.slow
 def test_json_structure(bench_run):
     res, _ = bench_run
     assert res["model"]["name"] == "tiny" and res["model"]["preset"] == "tiny"
@@ -65,6 +66,7 @@ def test_json_structure(bench_run):
     assert "fp32_decode_memory_over_none" in res["memory"] and "fp32_ttft_memory_over_rag" in res["memory"]
 
 
+@pytest.mark.slow
 def test_under_load_rows_are_compared_with_the_quiet_ones(bench_run):
     res, _ = bench_run
     ul = res["under_load"]
@@ -90,6 +92,7 @@ def test_busy_core_burns_a_core_while_it_lasts():
     assert busy.p.poll() is not None  # gone after the block
 
 
+@pytest.mark.slow
 def test_report_file(bench_run):
     res, md = bench_run
     text = md.read_text()

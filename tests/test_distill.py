@@ -155,6 +155,7 @@ def _train(imported, data, out, *extra):
     return T.main(["--stage", "distill", *args, *extra])
 
 
+@pytest.mark.slow
 def test_distillation_lowers_kl_and_resumes_exactly(imported, distill_data, tmp_path):
     assert _train(imported, distill_data, tmp_path / "a") == 0
     assert len(T._rows(tmp_path / "a" / T.EVAL_CSV)) == 2  # step 0 and the end

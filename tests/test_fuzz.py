@@ -94,6 +94,7 @@ def pristine(tiny_model_dir, tmp_path_factory):
     return model_dir, bank_dir
 
 
+@pytest.mark.slow
 def test_fuzz_bank_and_model_files(pristine, tmp_path):
     model_src, bank_src = pristine
     want = outcomes(model_src, bank_src)

@@ -14,6 +14,8 @@ from clitools import run
 import m3lite
 from m3lite.pull import PullError, adapter_path, checkpoint_path, pull
 
+pytestmark = pytest.mark.slow  # the real model: pulled once, minutes of work (`pytest -m slow`; CI runs it)
+
 PROMPTS = ("What is the capital of France?", "Write one sentence about the sea.",
            "List three colours.")
 

@@ -265,6 +265,7 @@ def test_resume_continues_the_same_run(tok_path, data_dir, tmp_path):
     assert ck["step"] == 8 and ck["samples"] == 32
 
 
+@pytest.mark.slow
 @needs_wiki
 def test_two_processes_match_one(tok_path, data_dir, tmp_path):
     """SFT (memories and uneven answer lengths per process) with torchrun on 2 CPU processes (gloo) vs one
