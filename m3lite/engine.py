@@ -45,7 +45,7 @@ from .kernels import (accumulate_prefix_attention, attention_group, attention_pr
 from .kernels.q8 import QK, matmul_q8, matvec_q8, padded, rows, rows_swiglu
 from .kernels.sync import STATE_SIZE, barrier, part
 from .modelfile import tensor_shapes
-from .threads import default_threads
+from .threads import default_threads, set_blas_threads, threads_fixed, threads_now
 
 PREFILL_CHUNK = 128  # tokens per prefill block: enough rows for efficient GEMMs, scratch stays small
 ENCODE_TOKENS = 2048  # tokens (of several references, packed) per encode block
@@ -241,6 +241,8 @@ class Engine:
         if self.prefix_capacity < 0:
             raise BadArgument(f"prefix_capacity must be >= 0, got {prefix_capacity}")
         self.n_threads = default_threads(n_threads)
+        self.adaptive = not threads_fixed(n_threads)  # fit_threads() may run fewer on a busy machine
+        self.active_threads = self.n_threads
         numba.set_num_threads(self.n_threads)
 
         self.n_rep = cfg.n_heads // cfg.n_kv_heads
@@ -373,6 +375,17 @@ class Engine:
         self._n_past = 0
         self.clear_prefix()
 
+    def fit_threads(self) -> int:
+        """Choose the thread count of the next generation's decode steps and prefill matrix products (BLAS): all
+        of the engine's threads on a quiet machine, one fewer for each core another program keeps busy (see
+        `threads.threads_now`); the count the caller or $M3LITE_THREADS fixed is kept. Returns it."""
+        if self.adaptive:
+            n = threads_now(self.n_threads)
+            if n != self.active_threads:
+                set_blas_threads(n)  # the prefill's matrix products: the same cores
+            self.active_threads = n
+        return self.active_threads
+
     def truncate(self, n_past: int) -> None:
         """Keep the first `n_past` context tokens. Attention is causal, so their keys/values do not depend on the
         dropped ones: the next prefill/decode continues as if those had never been added."""
@@ -501,10 +514,12 @@ class Engine:
         if not 0 <= t < self.cfg.vocab_size:
             raise BadArgument(f"token id {token} is out of range [0, {self.cfg.vocab_size})")
         pos = self._check_room(1)
-        numba.set_num_threads(self.n_threads)  # per calling thread in numba
+        T = self.active_threads
+        numba.set_num_threads(T)  # per calling thread in numba
+        s = self._scratch if T == self.n_threads else self._scratch._replace(xb=self._scratch.xb[:T])
         _decode_step(t, self.prefix_capacity + self._n_past, pos, self.eps, self.scale, self.n_rep,
                      self._decode_weights, DecodeCache(self.k_cache, self.v_cache, self.attn_start, self.cos,
-                                                       self.sin), self._scratch, self._tracking)
+                                                       self.sin), s, self._tracking)
         self._n_past += 1
         return self._scratch.logits.copy()
 
@@ -655,6 +670,7 @@ class Engine:
         positions = np.zeros((B, Lm, G, K), np.int32)
         counts = np.zeros((B, Lm, G), np.int32)
         if B:
+            self.fit_threads()  # a bank build on a busy machine: its matrix products on the free cores
             self._encode(rows, keys, values, positions, counts, select=True)
         return keys, values, positions, counts
 

@@ -43,3 +43,77 @@ def _numba_pool() -> int:
     import numba
 
     return numba.config.NUMBA_NUM_THREADS
+
+
+def threads_fixed(n_threads: int | None = None) -> bool:
+    """True when the caller or $M3LITE_THREADS chose the thread count: it is then used as it is."""
+    return n_threads is not None or bool(os.environ.get("M3LITE_THREADS", "").strip())
+
+
+def other_runnable() -> int | None:
+    """Threads of other processes that are runnable right now (/proc/stat's procs_running, less the thread
+    reading it), or None where that cannot be read."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"procs_running "):
+                    return max(0, int(line.split()[1]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def threads_now(n_threads: int, samples: int = 3, gap_s: float = 0.001) -> int:
+    """The threads a generation should run with now: `n_threads`, less one for each core that other processes
+    keep busy, at least 1. A decode step's threads wait for each other at every phase, so a thread that shares
+    its core with a busy program holds all of them up; one thread fewer runs at the speed of the free cores.
+    The least busy of `samples` readings `gap_s` apart counts (a task that runs for a moment is not a load)."""
+    import time
+
+    busy = None
+    for i in range(samples):
+        n = other_runnable()
+        if n is None:
+            return n_threads
+        busy = n if busy is None else min(busy, n)
+        if busy == 0:
+            break
+        if i + 1 < samples:
+            time.sleep(gap_s)
+    return max(1, min(n_threads, physical_cores() - busy))
+
+
+_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
+                 "openblas_set_num_threads", "MKL_Set_Num_Threads")
+_blas: list | None = None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set the thread count of the BLAS numpy loaded (OpenBLAS or MKL, found among the libraries this process
+    has mapped; a prefill's matrix products run there). False where none can be found (nothing changes)."""
+    global _blas
+    if _blas is None:
+        import ctypes
+
+        import numpy  # noqa: F401  (its BLAS must be loaded to be found)
+
+        _blas = []
+        try:
+            with open("/proc/self/maps") as f:
+                paths = sorted({line.split()[-1] for line in f if "blas" in line.lower() or "mkl_rt" in line})
+        except OSError:
+            paths = []
+        for p in paths:
+            try:
+                lib = ctypes.CDLL(p)
+            except OSError:
+                continue
+            for name in _BLAS_SETTERS:
+                fn = getattr(lib, name, None)
+                if fn is not None:
+                    fn.argtypes, fn.restype = [ctypes.c_int], None
+                    _blas.append(fn)
+                    break
+    for fn in _blas:
+        fn(int(n))
+    return bool(_blas)
