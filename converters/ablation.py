@@ -69,7 +69,8 @@ def collect(root: Path) -> tuple[list[dict], list[dict]]:
             "wiki_f1": _pct(_mode(wiki, "memory", "f1")),
             "bytes_per_ref": (info or {}).get("memory_record_bytes"),
             "refs_per_s": (build or {}).get("references_per_s"),
-            "ttft_ms": _mode(facts1, "memory", "ttft_ms"), "decode": _mode(facts1, "memory", "decode_tokens_per_s")})
+            "ttft_ms": _mode(facts1 or facts5, "memory", "ttft_ms"),
+            "decode": _mode(facts1 or facts5, "memory", "decode_tokens_per_s")})
         for mode in ("none", "rag"):
             for key, ev in (("facts_1", facts1), ("facts_5", facts5), ("wiki_f1", wiki)):
                 v = _mode(ev, mode, "f1" if key == "wiki_f1" else "contains")
