@@ -51,16 +51,22 @@ def threads_fixed(n_threads: int | None = None) -> bool:
 
 
 def other_runnable() -> int | None:
-    """Threads of other processes that are runnable right now (/proc/stat's procs_running, less the thread
-    reading it), or None where that cannot be read."""
+    """Threads of other processes that are runnable right now: /proc/stat's procs_running less this process's
+    own running threads (the reading one, and numba's or BLAS's workers still spinning after the last
+    generation), or None where that cannot be read."""
     try:
         with open("/proc/stat", "rb") as f:
-            for line in f:
-                if line.startswith(b"procs_running "):
-                    return max(0, int(line.split()[1]) - 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+            running = next(int(line.split()[1]) for line in f if line.startswith(b"procs_running "))
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                    own += f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+            except (OSError, IndexError):
+                continue  # a thread that just ended
+        return max(0, running - max(own, 1))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def threads_now(n_threads: int, samples: int = 3, gap_s: float = 0.001) -> int:
