@@ -72,8 +72,8 @@ class Chat:
     Cancel an answer from any thread with `send(..., cancel=event.is_set)` and `event.set()`.
     """
 
-    def __init__(self, model, bank=None, mode: str | None = None, *, system: str = "", max_new_tokens: int = ANSWER.max_new_tokens,
-                 temperature: float = ANSWER.temperature, top_k: int = ANSWER.top_k, top_p: float = ANSWER.top_p,
+    def __init__(self, model, bank=None, mode: str | None = None, *, system: str = "",
+                 max_new_tokens: int = ANSWER.max_new_tokens, temperature: float = ANSWER.temperature, top_k: int = ANSWER.top_k, top_p: float = ANSWER.top_p,
                  repetition_penalty: float = ANSWER.repetition_penalty,
                  seed: int | None = None, retriever: str = "hybrid"):
         from .retrieval import check_retriever

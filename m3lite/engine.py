@@ -332,6 +332,7 @@ class Engine:
             att_totals=np.zeros(cfg.n_heads, np.float32), ao=np.zeros(cfg.q_dim, np.float32),
             hb=np.zeros(F, np.float32), logits=np.zeros(cfg.vocab_size, np.float32),
             sync=np.zeros(STATE_SIZE, np.int64))
+        self._active_scratch = self._scratch  # its first active_threads rows of xb (see fit_threads)
         C = min(PREFILL_CHUNK, self.max_ctx)
         self.chunk = C
         self.px = np.zeros((C, D), np.float32)
@@ -381,9 +382,11 @@ class Engine:
         `threads.threads_now`); the count the caller or $M3LITE_THREADS fixed is kept. Returns it."""
         if self.adaptive:
             n = threads_now(self.n_threads)
+            set_blas_threads(n)  # the prefill's matrix products: the same cores (a no-op when unchanged)
             if n != self.active_threads:
-                set_blas_threads(n)  # the prefill's matrix products: the same cores
-            self.active_threads = n
+                self.active_threads = n
+                s = self._scratch
+                self._active_scratch = s if n == self.n_threads else s._replace(xb=s.xb[:n])
         return self.active_threads
 
     def truncate(self, n_past: int) -> None:
@@ -495,6 +498,7 @@ class Engine:
         if n_pos > self.cos.shape[0]:
             self.cos, self.sin = rope_tables(self.cfg.hd, self.cfg.rope_theta, max(n_pos, self.max_ctx),
                                              self.cfg.rope_scaling)
+            self._decode_cache = DecodeCache(self.k_cache, self.v_cache, self.attn_start, self.cos, self.sin)
 
     def _check_room(self, n: int) -> int:
         if self._n_past + n > self.max_ctx:
@@ -514,12 +518,9 @@ class Engine:
         if not 0 <= t < self.cfg.vocab_size:
             raise BadArgument(f"token id {token} is out of range [0, {self.cfg.vocab_size})")
         pos = self._check_room(1)
-        T = self.active_threads
-        numba.set_num_threads(T)  # per calling thread in numba
-        s = self._scratch if T == self.n_threads else self._scratch._replace(xb=self._scratch.xb[:T])
+        numba.set_num_threads(self.active_threads)  # per calling thread in numba
         _decode_step(t, self.prefix_capacity + self._n_past, pos, self.eps, self.scale, self.n_rep,
-                     self._decode_weights, DecodeCache(self.k_cache, self.v_cache, self.attn_start, self.cos,
-                                                       self.sin), s, self._tracking)
+                     self._decode_weights, self._decode_cache, self._active_scratch, self._tracking)
         self._n_past += 1
         return self._scratch.logits.copy()
 

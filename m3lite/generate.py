@@ -26,7 +26,6 @@ class GenerationResult:
     mode: str = "none"
     references: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # things the user should know (e.g. references left out)
-    threads: int = 0  # decode threads used (fewer than the engine's while other programs kept cores busy)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -104,9 +103,7 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
         n_recent += 1
     result.prompt_tokens = len(prompt_ids)
     t0 = time.perf_counter()
-    fit = getattr(engine, "fit_threads", None)  # the numba engine: fewer threads while other programs are busy
-    if fit is not None:
-        result.threads = fit()
+    engine.fit_threads()  # fewer threads while other programs keep cores busy
     logits = _prefill(engine, prompt_ids, memory)
     t1 = time.perf_counter()
     result.prefill_s = t1 - t0

@@ -13,7 +13,7 @@ class OrtEngine:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = default_threads(n_threads)
+        self.n_threads = so.intra_op_num_threads = default_threads(n_threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         try:
@@ -24,6 +24,10 @@ class OrtEngine:
         self.max_ctx = cfg.max_seq_len
         self.pos_offset = 0
         self.reset()
+
+    def fit_threads(self) -> int:
+        """onnxruntime keeps its own thread pool, of the size it was made with (no adapting to busy cores)."""
+        return self.n_threads
 
     def reset(self) -> None:
         c = self.cfg

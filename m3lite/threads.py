@@ -92,12 +92,14 @@ def threads_now(n_threads: int, samples: int = 3, gap_s: float = 0.001) -> int:
 _BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
                  "openblas_set_num_threads", "MKL_Set_Num_Threads")
 _blas: list | None = None
+_blas_threads = 0  # what the last call set (0: never set; the BLAS runs its own default)
 
 
 def set_blas_threads(n: int) -> bool:
     """Set the thread count of the BLAS numpy loaded (OpenBLAS or MKL, found among the libraries this process
-    has mapped; a prefill's matrix products run there). False where none can be found (nothing changes)."""
-    global _blas
+    has mapped; a prefill's matrix products run there), once per change: the setting is the process's, shared
+    by every engine. False where none can be found (nothing changes)."""
+    global _blas, _blas_threads
     if _blas is None:
         import ctypes
 
@@ -120,6 +122,8 @@ def set_blas_threads(n: int) -> bool:
                     fn.argtypes, fn.restype = [ctypes.c_int], None
                     _blas.append(fn)
                     break
-    for fn in _blas:
-        fn(int(n))
+    if int(n) != _blas_threads:
+        for fn in _blas:
+            fn(int(n))
+        _blas_threads = int(n)
     return bool(_blas)
