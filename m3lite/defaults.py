@@ -56,8 +56,7 @@ def default_bank_dir(model) -> Path:
 def default_bank_ready(model) -> bool:
     """Whether the default bank of `model` is built, or the user chose its sources ($M3LITE_DEFAULT_SOURCES:
     then it is built when first needed, as `ask` always does)."""
-    path = default_bank_dir(model)
-    return bool(os.environ.get("M3LITE_DEFAULT_SOURCES")) or path.with_name(path.name + ".complete").is_file()
+    return bool(os.environ.get("M3LITE_DEFAULT_SOURCES")) or default_bank_built(model)
 
 
 def default_bank_built(model) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -243,20 +244,19 @@ class _Writer:
             self.live_ids[doc.id] = idx
             first += len(rs)
 
-    def store_array(self, name: str, data: bytes, sha: str) -> None:
-        """A named array file (`Bank.put_array`'s format), recorded by the next commit."""
+    def store_array(self, name: str, a: np.ndarray) -> None:
+        """A named numeric array in its own .npy file (`Bank.put_array`), recorded by the next commit."""
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+        data = buf.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
         fname = f"array.{name}.{sha[:16]}.npy"
         _atomic_write(self.b.path / fname, data)
         self.arrays[name] = {"file": fname, "bytes": len(data), "sha256": sha}
         self.dirty = True
 
     def _store_codebooks(self, cb: np.ndarray) -> None:
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, cb, allow_pickle=False)
-        data = buf.getvalue()
-        self.store_array(PQ.CODEBOOKS, data, hashlib.sha256(data).hexdigest())
+        self.store_array(PQ.CODEBOOKS, cb)
         self.codebooks = cb
 
     def commit(self, final: bool, stats: dict, save_index: bool | None = None, force_lexical: bool = False) -> None:
