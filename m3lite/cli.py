@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .errors import M3Error
+from .errors import BadArgument, M3Error
 from .params import ANSWER, DEFAULTS
 
 app = typer.Typer(
@@ -279,17 +279,36 @@ def _build_progress(quiet: bool = False, what: str = "encoding references"):
         yield lambda st, total: update(st["added"], total)
 
 
-def _progress_build(model, out: Path, sources: list[str], quant: str, create: bool, as_json: bool) -> None:
+def _progress_build(model, out: Path, sources: list[str], quant: str, create: bool, as_json: bool,
+                    encode: str = "all") -> None:
     from .memory import build_or_add
 
-    with _build_progress(quiet=as_json) as progress:
-        stats = build_or_add(model, out, sources, quant=quant, create=create, warn=_warn, progress=progress)
+    with _build_progress(quiet=as_json, what="adding references") as progress, \
+            _encode_progress(quiet=as_json) as encode_progress:
+        stats = build_or_add(model, out, sources, quant=quant, create=create, warn=_warn, progress=progress,
+                             encode=encode, encode_progress=encode_progress)
     if as_json:
         _echo_json(stats)
-    else:
-        typer.echo(f"{stats['bank']}: added {stats['added']} references from {stats['documents_added']} documents "
-                   f"({stats['skipped']} already present) in {stats['seconds']:.1f} s, "
-                   f"{stats['references_per_s']:.0f} refs/s; the bank holds {stats['count']} references")
+        return
+    typer.echo(f"{stats['bank']}: added {stats['added']} references from {stats['documents_added']} documents "
+               f"({stats['skipped']} already present) in {stats['seconds']:.1f} s, "
+               f"{stats['references_per_s']:.0f} refs/s; the bank holds {stats['count']} references")
+    if stats["lazy"]:
+        typer.echo(_memories_line(stats["bank"], stats["memories"], stats["count"]))
+
+
+def _memories_line(bank, memories: int, count: int) -> str:
+    if memories >= count:
+        return f"every reference has its memory ({memories:,})"
+    return (f"{memories:,} of {count:,} references have their memory: the others are encoded when a question "
+            f"first retrieves them, or all now by `m3lite bank encode {bank}`")
+
+
+@contextmanager
+def _encode_progress(quiet: bool = False):
+    """The progress callback Bank.encode takes: memories encoded of those missing, refs/s, ETA."""
+    with _progress_bar("encoding memories", quiet=quiet, rate=True) as update:
+        yield lambda st: update(st["encoded"], st["total"])
 
 
 QUANT_HELP = ("How memories are stored: int8 (default), int4, pq (product quantization: 16 bytes per 64-value "
@@ -303,14 +322,69 @@ def bank_build(
     out: Path = typer.Option(..., "--out", "-o", help="Bank directory to create (or resume)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     quant: str = typer.Option("int8", help=QUANT_HELP),
+    encode: Optional[str] = typer.Option(None, "--encode", help="lazy (default): store the references now and "
+                                         "encode each memory when a question first retrieves it (kept in the "
+                                         "bank); all: encode every memory now (a pq bank always does)."),
+    shards: Optional[int] = typer.Option(None, "--shards", help="Build in N parts at once (worker processes, or "
+                                         "Ray tasks with --ray), merged in order into the bank: the same bank as "
+                                         "one process builds."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run the parts as Ray tasks: 'local' starts a Ray here, "
+                                      "else the address of a running cluster (e.g. 10.0.0.5:6379; the model and "
+                                      "--out on storage every node sees). Needs pip install 'm3lite[ray]'."),
     as_json: bool = typer.Option(False, "--json", help="Print the build statistics as JSON."),
 ) -> None:
-    """Build a bank: cut SOURCES into references and encode each into an explicit memory.
+    """Build a bank: cut SOURCES into references, embed and index them, and encode their explicit memories
+    (when first used, or all now with --encode all).
 
     Killed or interrupted, the bank keeps everything committed so far; run the same command again to resume."""
+    from .memory import ENCODE
     from .model import Model
 
-    _progress_build(Model.load(_model_dir(model)), out, sources, quant, True, as_json)
+    if encode is not None and encode not in ENCODE:
+        raise BadArgument(f"--encode must be one of {', '.join(ENCODE)}, got {encode!r}")
+    if encode == "lazy" and quant == "pq":
+        raise BadArgument("a pq bank is encoded as it is built (its codebooks are trained on its first memories): "
+                          "drop --encode lazy")
+    encode = encode or ("all" if quant == "pq" else "lazy")
+    if shards is not None or ray is not None:
+        from .shards import build_sharded
+
+        mdir = _model_dir(model)
+        with _progress_bar("building parts", quiet=as_json) as update:
+            st = build_sharded(Model.load(mdir), mdir, out, sources,
+                               shards if shards is not None else max(2, os.cpu_count() or 1),
+                               quant=quant, encode=encode, ray_address=ray, warn=_warn,
+                               progress=lambda done, total, what: update(done, total, what))
+        if as_json:
+            _echo_json(st)
+        else:
+            typer.echo(f"{st['bank']}: merged {st['references']} references of {st['documents']} documents from "
+                       f"{st['shards']} parts; the bank holds {st['count']} references")
+        return
+    _progress_build(Model.load(_model_dir(model)), out, sources, quant, True, as_json, encode)
+
+
+@bank_app.command("encode")
+def bank_encode(
+    bank: Path = typer.Argument(..., help=BANK_HELP),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
+) -> None:
+    """Encode now every memory a lazy bank does not have yet (else each is encoded when first retrieved).
+
+    Killed or interrupted, it keeps what it encoded; run it again to go on."""
+    from .memory import open_bank
+    from .model import Model
+
+    m = Model.load(_model_dir(model))
+    b = open_bank(bank, m)
+    with _encode_progress(quiet=as_json) as progress, m.generation_lock():
+        st = b.encode(m.engine("numba").encode_references, progress=progress)
+    if as_json:
+        _echo_json(dict(st, bank=str(b.path)))
+        return
+    typer.echo(f"{b.path}: encoded {st['encoded']:,} memories in {st['seconds']:.1f} s, "
+               f"{st['references_per_s']:.1f} refs/s; {_memories_line(b.path, st['memories'], st['references'])}")
 
 
 @bank_app.command("add")
@@ -362,6 +436,8 @@ def bank_info(
                f"({d['documents']:,} documents, {d['deleted_documents']} removed)")
     typer.echo(f"memory        {s['n_memory_layers']} layers x {s['n_kv_heads']} KV heads x {s['tokens_per_head']} "
                f"tokens x {s['head_dim']} dims, {d['quantization']}, {d['memory_record_bytes']:,} bytes/reference")
+    typer.echo(f"memories      {d['memories']:,} of {d['references']:,} encoded"
+               + (" (lazy: the others when first retrieved)" if d["lazy"] and d["memories"] < d["references"] else ""))
     typer.echo(f"disk          {d['disk_bytes']:,} bytes, {d['bytes_per_reference']:,.0f} bytes/reference")
     if "compression_vs_fp32_kv_all_layers" in d:
         typer.echo(f"compression   x{d['compression_vs_fp32_kv_all_layers']:.1f} vs the full fp32 KV of all layers, "

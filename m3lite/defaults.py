@@ -78,6 +78,8 @@ def ensure_default_bank(model, progress=None, warn=print) -> Path:
         return path
     done = path.with_name(path.name + ".complete")
     path.parent.mkdir(parents=True, exist_ok=True)
-    build_or_add(model, path, default_sources(), quant=DEFAULT_QUANT, warn=warn, progress=progress)
+    # lazy: a reference's memory is encoded when a question first retrieves it, so the first answer waits for
+    # the references' sentence vectors (minutes), not for every memory (~20 min on 2 cores)
+    build_or_add(model, path, default_sources(), quant=DEFAULT_QUANT, warn=warn, progress=progress, encode="lazy")
     atomic_write_bytes(done, (model.fingerprint + "\n").encode())
     return path

@@ -386,12 +386,16 @@ def pull_embedder(name: str = DEFAULT_EMBEDDER, cache: str | os.PathLike | None 
 
 # ------------------------------------------------------------------------------------------------- run
 
+PAD_TO = 16  # texts are padded to a multiple of this many word pieces
+
+
 class SentenceEmbedder:
     """Texts -> unit vectors [n, dim] float32 with an embedder directory's ONNX graph on onnxruntime.
 
     Empty or whitespace-only texts give zero rows. Texts are truncated at `max_tokens` word pieces. A text's
-    vector does not depend on the texts batched with it (padding is masked out exactly; int8 activations are
-    quantized per token), up to float rounding (~1e-7)."""
+    vector does not depend on the texts batched with it, bit for bit: a batch holds texts padded to the same
+    length (a multiple of PAD_TO; padding is masked out exactly, int8 activations are quantized per token), so
+    a bank built in parts equals one built at once."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], weights: str, session: Any, tokenizer: Any):
         self.path = path
@@ -482,9 +486,11 @@ class SentenceEmbedder:
         """The word-piece ids each text is embedded from ([CLS] ... [SEP], truncated at max_tokens)."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=True)]
 
-    def __call__(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    def __call__(self, texts: Sequence[str], batch_size: int = 32, exact: bool = True) -> np.ndarray:
         """Unit vectors [len(texts), dim] float32 (zero rows for empty or whitespace-only texts). Texts are run
-        in batches of `batch_size` sorted by length, so little is spent on padding."""
+        in batches of up to `batch_size` of the same padded length, so little is spent on padding. `exact`:
+        every batch is filled to `batch_size` rows, so that a text's vector is the same bit for bit whatever it
+        is batched with (what a bank stores); without it a vector may differ in the last bit (a query)."""
         if isinstance(texts, str):
             raise BadArgument("pass a list of texts, not one string")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -499,17 +505,20 @@ class SentenceEmbedder:
         for w in range(0, len(todo), window):
             idx = todo[w:w + window]
             ids = self.tokenize([texts[i] for i in idx])
-            order = sorted(range(len(idx)), key=lambda j: -len(ids[j]))
-            for b in range(0, len(order), batch_size):
-                rows = order[b:b + batch_size]
-                n = len(ids[rows[0]])
-                x = np.zeros((len(rows), n), np.int64)
-                mask = np.zeros((len(rows), n), np.int64)
+            padded = [-(-len(t) // PAD_TO) * PAD_TO for t in ids]
+            by_len: dict[int, list[int]] = {}
+            for j in sorted(range(len(idx)), key=lambda j: -padded[j]):
+                by_len.setdefault(padded[j], []).append(j)
+            batches = [(n, g[b:b + batch_size]) for n, g in by_len.items() for b in range(0, len(g), batch_size)]
+            for n, rows in batches:
+                x = np.zeros((batch_size if exact else len(rows), n), np.int64)
+                mask = np.zeros(x.shape, np.int64)
+                mask[len(rows):, 0] = 1  # filler rows: one [PAD] token each, dropped
                 for r, j in enumerate(rows):
                     x[r, :len(ids[j])] = ids[j]
                     mask[r, :len(ids[j])] = 1
                 y = self._sess.run(["embeddings"], {"input_ids": x, "attention_mask": mask})[0]
-                out[[idx[j] for j in rows]] = y
+                out[[idx[j] for j in rows]] = y[:len(rows)]
         return out
 
 

@@ -51,15 +51,24 @@ def collect_documents(sources: Sequence[str | Document], warn: Callable[[str], N
     return docs
 
 
+ENCODE = ("lazy", "all")
+
+
 def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str = "int8", create: bool = True,
-                 warn: Callable[[str], None] = print, progress: Callable[[dict, int], None] | None = None) -> dict:
-    """Encode the documents of `sources` (source strings or Document objects) into the bank at `bank_path`
+                 warn: Callable[[str], None] = print, progress: Callable[[dict, int], None] | None = None,
+                 encode: str = "all", encode_progress: Callable[[dict], None] | None = None) -> dict:
+    """Add the documents of `sources` (source strings or Document objects) to the bank at `bank_path`
     (created if `create`).
 
-    Each reference is encoded by the model (its memory), embedded by the sentence embedder (its vector) and
-    indexed by its words. Documents already present (same content hash) are skipped, so
-    rerunning an interrupted build resumes it. `progress(stats, total_references)` is called as it goes.
+    Each reference is embedded by the sentence embedder (its vector), indexed by its words and encoded by the
+    model (its memory). `encode`: "all" encodes every memory now; "lazy" creates a bank whose memories are
+    encoded when retrieval first selects them (a bank that exists keeps its own way; "all" on a lazy bank
+    then encodes what it lacks). Documents already present (same content hash) are skipped, so rerunning an
+    interrupted build resumes it. `progress(stats, total_references)` is called as references are added,
+    `encode_progress(stats)` as memories are encoded by "all" on a lazy bank.
     """
+    if encode not in ENCODE:
+        raise BadArgument(f"encode must be one of {', '.join(ENCODE)}, got {encode!r}")
     cfg = model.config
     docs = collect_documents(sources, warn)
     if not docs:
@@ -79,7 +88,8 @@ def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str
         embed = default_embedder(say=lambda s: print(f"m3lite: {s}", file=sys.stderr))
         mem_shape = (len(cfg.memory_layer_ids), cfg.n_kv_heads, cfg.memory_tokens_per_head, cfg.hd)
         bank = Bank.create(bank_path, model.fingerprint, mem_shape, quant=quant, embed_dim=embed.dim,
-                           meta={"n_layers": cfg.n_layers, "model": cfg.name, "embedder": embed.fingerprint})
+                           meta={"n_layers": cfg.n_layers, "model": cfg.name, "embedder": embed.fingerprint},
+                           lazy=encode == "lazy")
     present = bank.live_hashes()
     todo = [d for d in docs if d.sha256 not in present]
     chunks = {d.sha256: chunk_document(d, tok, cfg.reference_max_tokens) for d in todo}  # cut once
@@ -89,7 +99,11 @@ def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str
     with model.generation_lock():
         stats = bank.add(todo, eng.encode_references, embed, tok, max_tokens=cfg.reference_max_tokens,
                          progress=cb, chunker=lambda d: chunks[d.sha256])
+        if bank.lazy and encode == "all":
+            stats["encoded"] = bank.encode(eng.encode_references, progress=encode_progress)
     stats["skipped"] += len(docs) - len(todo)
+    stats["lazy"] = bank.lazy
+    stats["memories"] = bank.encoded_count
     stats["documents"] = len(docs)
     stats["bank"] = str(bank.path)
     return stats
@@ -131,7 +145,8 @@ class MemorySession:
             self.search.warm()  # one-time costs (index loads, the embedder) at open, not in the first answer
         self.k = self.top_k or self.model.config.retrieval_top_k
         if self.cache is None:
-            self.cache = MemoryCache(self.bank)
+            # a lazy bank's memories not encoded yet are encoded by the model as they are first retrieved
+            self.cache = MemoryCache(self.bank, encode_fn=lambda refs: self.model.engine("numba").encode_references(refs))
         if self.mode == "memory":
             self.model.engine("numba").ref_kv()
 

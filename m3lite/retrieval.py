@@ -131,7 +131,7 @@ class Retriever:
             ids, sc = self.bank.lexical_search(text, n, skip)
             lex = list(zip(ids.tolist(), sc.tolist()))
         if self.kind != "lexical":
-            v = self.embedder([text])[0]
+            v = self.embedder([text], exact=False)[0]
             if np.any(v):
                 ids, sc = self.bank.search(v, min(n + len(skip), self.bank.live_count))
                 dense = [(i, s) for i, s in zip(ids.tolist(), sc.tolist()) if i not in skip][:n]
@@ -145,10 +145,12 @@ class Retriever:
 
 
 class MemoryCache:
-    """Recently used memories, dequantized (neighbouring chunks often retrieve the same references)."""
+    """Recently used memories, dequantized (neighbouring chunks often retrieve the same references).
+    `encode_fn` encodes the memories a lazy bank does not have yet (see Bank.memories)."""
 
-    def __init__(self, bank, capacity: int = 256):
+    def __init__(self, bank, capacity: int = 256, encode_fn=None):
         self.bank = bank
+        self.encode_fn = encode_fn
         self.capacity = capacity
         self._d: OrderedDict[int, tuple] = OrderedDict()
         self.hits = 0
@@ -157,7 +159,7 @@ class MemoryCache:
     def get(self, ids: Sequence[int]) -> list[tuple]:
         missing = [int(i) for i in ids if int(i) not in self._d]
         if missing:
-            k, v, pos, cnt = self.bank.memories(missing)
+            k, v, pos, cnt = self.bank.memories(missing, self.encode_fn)
             for j, i in enumerate(missing):
                 self._d[i] = (k[j], v[j], pos[j], cnt[j])
         out = []

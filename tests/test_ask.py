@@ -38,7 +38,7 @@ def notes(tmp_path_factory):
 def built(tiny_model_dir, notes, tmp_path_factory):
     model = tiny_model_dir()
     bank = tmp_path_factory.mktemp("b") / "bank"
-    out = json.loads(run("bank", "build", notes, "--out", bank, "--model", model, "--json").stdout)
+    out = json.loads(run("bank", "build", notes, "--out", bank, "--model", model, "--encode", "all", "--json").stdout)
     assert out["added"] >= 4 and out["count"] == out["added"]
     return model, bank
 
@@ -212,7 +212,7 @@ def test_long_work_says_what_it_does_without_a_terminal(tiny_model_dir, notes, t
     how much and how long; --json stays quiet."""
     model = tiny_model_dir()
     p = run("bank", "build", notes, "--out", tmp_path / "bank", "--model", model)
-    lines = [s for s in p.stderr.splitlines() if s.startswith("m3lite: encoding references:")]
+    lines = [s for s in p.stderr.splitlines() if s.startswith("m3lite: adding references:")]
     assert len(lines) == 1 and "(done)" in lines[0] and " s" in lines[0], p.stderr
     assert "\r" not in p.stderr and "\x1b[" not in p.stderr  # nothing a terminal bar would draw
     q = run("bank", "build", notes, "--out", tmp_path / "bank2", "--model", model, "--json")

@@ -19,7 +19,8 @@ from ..modelfile import atomic_write_bytes as _atomic_write, json_checksum, sign
 
 
 FORMAT = "m3lite-bank"
-VERSION = 3  # 3: word index, per-record checks, sentence embeddings; older banks are refused with "rebuild"
+VERSION = 4  # 4: memories may be encoded lazily (m3lite.bank.lazy); 3: word index, per-record checks, sentence
+READS = (3, 4)  # embeddings (read as they are); older banks are refused with "rebuild"
 MANIFEST = "manifest.json"
 LOCK = "lock"
 MEM, CHECKS, REFS, TEXTS, DOCS, VECS, DELETED, TOKENS, TERMS = (
@@ -192,7 +193,7 @@ def _read_manifest(path: Path) -> dict:
         raise _corrupt(path, f"not valid JSON: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise BankError(f"{path} is not an m3lite bank ({MANIFEST} has no format {FORMAT!r})")
-    if not isinstance(m.get("version"), int) or m["version"] != VERSION:
+    if not isinstance(m.get("version"), int) or m["version"] not in READS:
         raise BankError(f"bank {path} has format version {m.get('version')!r}; this m3lite reads version "
                         f"{VERSION}: {'upgrade m3lite' if isinstance(m.get('version'), int) and m['version'] > VERSION else 'rebuild the bank'}")
     if m.get("checksum") != json_checksum(m):
@@ -208,6 +209,8 @@ def _read_manifest(path: Path) -> dict:
         rdt = record_dtype(shape, mem.get("quant"))
     except BadArgument as e:
         raise _corrupt(path, str(e)) from None
+    if not isinstance(mem.get("lazy", False), bool) or (mem.get("lazy") and m["version"] < 4):
+        raise _corrupt(path, "bad memory.lazy")
     if mem.get("record_bytes") != rdt.itemsize:
         raise _corrupt(path, f"record_bytes {mem.get('record_bytes')!r} does not match the memory shape "
                              f"({rdt.itemsize})")
@@ -219,7 +222,7 @@ def _read_manifest(path: Path) -> dict:
     files = m.get("files")
     if not isinstance(files, dict) or set(files) != set(DATA_FILES):
         raise _corrupt(path, "the files section does not list the bank files")
-    want = {MEM: count * rdt.itemsize, CHECKS: count * CHECK_DTYPE.itemsize, REFS: count * REF_DTYPE.itemsize,
+    want = {MEM: 0 if mem.get("lazy") else count * rdt.itemsize, CHECKS: count * CHECK_DTYPE.itemsize, REFS: count * REF_DTYPE.itemsize,
             VECS: 4 * dim * count, DELETED: 4 * ndel}
     for name in DATA_FILES:
         f = files[name]

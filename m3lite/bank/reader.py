@@ -25,7 +25,8 @@ from .format import (BankError, CHECKS, CHECK_DTYPE, DATA_FILES, DELETED, DOCS, 
                      VECS, VERSION, _ARRAY_NAME, _INDEX_NAME, _Lock, _TMP_NAME, _hash_prefix, _map,
                      _read_manifest, _write_manifest, foreign_bank, record_dtype)
 from .index import HnswIndex, _build_lexical, _file_ok, _normalize
-from .writer import _Writer
+from .lazy import LAZY_FILES, LazyMemories, remove_lazy_files
+from .writer import _Writer, checked_encoding, memory_records
 
 
 class Bank:
@@ -41,10 +42,11 @@ class Bank:
 
     @classmethod
     def create(cls, path: str | os.PathLike, fingerprint: str, mem_shape: Any, quant: str = "int8",
-               embed_dim: int = 0, meta: dict | None = None, exist_ok: bool = False) -> "Bank":
+               embed_dim: int = 0, meta: dict | None = None, exist_ok: bool = False, lazy: bool = False) -> "Bank":
         """Create an empty bank folder for a model (`fingerprint`) and memory shape
         (n_memory_layers, n_kv_heads, tokens_per_head, head_dim). With `exist_ok`, an existing bank of the
-        same model, shape, quantization and embedding size is opened instead."""
+        same model, shape, quantization and embedding size is opened instead. `lazy`: memories are encoded when
+        first used, or by `encode` (m3lite.bank.lazy), instead of as references are added."""
         p = Path(path)
         shape = MemShape.of(mem_shape)
         rdt = record_dtype(shape, quant)
@@ -52,6 +54,9 @@ class Bank:
             raise BadArgument("a bank needs the model fingerprint")
         if not isinstance(embed_dim, int) or embed_dim <= 0:
             raise BadArgument(f"embed_dim must be a positive integer, got {embed_dim!r}")
+        if lazy and quant == "pq":
+            raise BadArgument("a pq bank is encoded as it is built (its codebooks are trained on its first "
+                              "memories): build it with --encode all")
         meta = dict(meta or {})
         try:
             json.dumps(meta)
@@ -61,15 +66,16 @@ class Bank:
             if not exist_ok:
                 raise BankError(f"a bank already exists at {p}; open it or choose another folder")
             b = cls.open(p, fingerprint=fingerprint)
-            if b.shape != shape or b.quant != quant or b.embed_dim != embed_dim:
+            if b.shape != shape or b.quant != quant or b.embed_dim != embed_dim or b.lazy != lazy:
                 raise BankError(f"the bank at {p} has memory shape {tuple(b.shape.as_dict().values())}, "
-                                f"{b.quant}, embedding size {b.embed_dim}; not the requested ones: use another "
+                                f"{b.quant}, embedding size {b.embed_dim}, {'lazy' if b.lazy else 'encoded'} "
+                                f"memories; not the requested ones: use another "
                                 f"folder")
             return b
         if p.exists() and not p.is_dir():
             raise BankError(f"{p} exists and is not a folder; choose another path for the bank")
         if p.is_dir():
-            ours = set(DATA_FILES) | {LOCK}
+            ours = set(DATA_FILES) | {LOCK} | set(LAZY_FILES)
             foreign = [x.name for x in p.iterdir() if x.name not in ours and not _TMP_NAME.fullmatch(x.name)
                        and not _INDEX_NAME.fullmatch(x.name) and not _ARRAY_NAME.fullmatch(x.name)]
             if foreign:
@@ -81,13 +87,15 @@ class Bank:
                 lock.release()
                 return cls.create(p, fingerprint, shape, quant, embed_dim, meta, exist_ok)
             empty = hashlib.sha256(b"").hexdigest()
+            remove_lazy_files(p)  # memories of an earlier bank in this folder
             for name in DATA_FILES:
                 with open(p / name, "wb") as f:
                     os.fsync(f.fileno())
             now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             m = {
                 "format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
-                "memory": dict(shape.as_dict(), quant=quant, record_bytes=rdt.itemsize, position_dtype="int16"),
+                "memory": dict(shape.as_dict(), quant=quant, record_bytes=rdt.itemsize, position_dtype="int16",
+                               lazy=bool(lazy)),
                 "embed_dim": embed_dim, "count": 0, "documents": 0, "deleted_documents": 0, "generation": 0,
                 "files": {n: ({"length": 0, "sha256": empty} if n in HASHED else {"length": 0}) for n in DATA_FILES},
                 "index": None, "lexical": None, "arrays": {}, "meta": meta, "stats": {}, "created": now, "updated": now,
@@ -135,6 +143,7 @@ class Bank:
         self.shape = MemShape.of({k: mem[k] for k in ("n_memory_layers", "n_kv_heads", "tokens_per_head",
                                                        "head_dim")})
         self.quant: str = mem["quant"]
+        self.lazy: bool = bool(mem.get("lazy", False))
         self.rec_dtype = record_dtype(self.shape, self.quant)
         self.embed_dim: int = m["embed_dim"]
         self.count: int = m["count"]
@@ -160,7 +169,7 @@ class Bank:
             self.docs = list(state[0])
             deleted = np.array(state[1], "<u4")
         n = self.count
-        self._mem = _map(p / MEM, self.rec_dtype, n)
+        self._mem = _map(p / MEM, self.rec_dtype, 0 if self.lazy else n)
         self._refs = _map(p / REFS, REF_DTYPE, n)
         self._vecs = _map(p / VECS, "<f4", n, (self.embed_dim,))
         self._texts = _map(p / TEXTS, np.uint8, files[TEXTS]["length"])
@@ -179,6 +188,13 @@ class Bank:
         self._index = None
         self._index_info = m.get("index")
         self._codebooks: np.ndarray | None = None
+        self._tok_off: np.ndarray | None = None  # where each reference's tokens start, computed when first needed
+        if not self.lazy:
+            self._lazy = None
+        elif getattr(self, "_lazy", None) is None or self._lazy.rec != self.rec_dtype:
+            self._lazy = LazyMemories(p, self.rec_dtype, n)
+        else:
+            self._lazy.grow(n)
 
     def _read_docs(self, length: int, n_docs: int) -> list[dict]:
         fp = self.path / DOCS
@@ -247,14 +263,30 @@ class Bank:
         if zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B")) != int(self._checks[what][i]):
             raise self._damaged(i, what)
 
-    def memories(self, ids: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def memories(self, ids: Any, encode_fn: Callable | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                             np.ndarray]:
         """Dequantized memories of references: keys and values [k, Lm, n_kv, T, hd] float32, positions
         [k, Lm, n_kv, T] int32 and valid-token counts [k, Lm, n_kv] int32 (slots past the count are zero).
-        Each record is checked against its crc32 (BankError naming it if damaged)."""
+        Each record is checked against its crc32 (BankError naming it if damaged). In a lazy bank, memories not
+        encoded yet are encoded with `encode_fn` (as for `add`) and kept; without it they are a BankError."""
         a = self._check_ids(ids)
-        rec = self._mem[a] if a.size else np.zeros(0, self.rec_dtype)
-        for i in a.tolist():  # on the mapped bytes: a copy of a padded record need not copy its padding
-            self._check(i, "memory", self._mem[i:i + 1])
+        if self.lazy:
+            rec, good = self._lazy.read(a)
+            if not good.all():
+                need = np.flatnonzero(~good)
+                if encode_fn is None:
+                    raise BankError(f"bank {self.path}: reference {int(a[need[0]])} has no memory yet; memories of "
+                                    f"this bank are encoded when first used by a model, or by `m3lite bank encode "
+                                    f"{self.path}`")
+                todo = np.unique(a[need])
+                new = self._encode_records(todo, encode_fn)
+                self._lazy.append(todo, new)  # kept when the writer lock is free; used either way
+                for j in need.tolist():
+                    rec[j] = new[int(np.searchsorted(todo, a[j]))]
+        else:
+            rec = self._mem[a] if a.size else np.zeros(0, self.rec_dtype)
+            for i in a.tolist():  # on the mapped bytes: a copy of a padded record need not copy its padding
+                self._check(i, "memory", self._mem[i:i + 1])
         if self.quant == "pq":
             cb = self.codebooks()
             if cb is None:
@@ -296,11 +328,55 @@ class Bank:
     def tokens(self, i: int) -> np.ndarray:
         """A reference's token ids (<ref> first), checked against its crc32."""
         i = int(self._check_ids([i])[0])
-        n = self._refs["n_tokens"].astype(np.int64)
-        start = int(n[:i].sum())
-        t = np.array(self._tokens[start:start + int(n[i])], np.uint32)
+        if self._tok_off is None:
+            n = self._refs["n_tokens"].astype(np.int64)
+            self._tok_off = np.concatenate([[0], np.cumsum(n)])
+        start, end = int(self._tok_off[i]), int(self._tok_off[i + 1])
+        t = np.array(self._tokens[start:end], np.uint32)
         self._check(i, "tokens", t)
         return t
+
+    def _encode_records(self, ids: np.ndarray, encode_fn: Callable) -> np.ndarray:
+        """Memory records of references `ids`, encoded from their stored tokens."""
+        toks = [self.tokens(int(i)).astype(np.int64).tolist() for i in ids]
+        return memory_records(self, checked_encoding(self, len(toks), encode_fn(toks)), self.codebooks())
+
+    @property
+    def encoded_count(self) -> int:
+        """References with a memory: all of them, unless the bank is lazy."""
+        return self._lazy.encoded if self.lazy else self.count
+
+    def encode(self, encode_fn: Callable, batch: int = 16, progress: Callable[[dict], None] | None = None
+               ) -> dict[str, Any]:
+        """Encode the memories a lazy bank does not have yet (live references, in order), holding the writer
+        lock; killed, it keeps every batch written, and a rerun goes on. `progress(stats)` after each batch.
+        Returns the stats (encoded, total, seconds, references_per_s)."""
+        if not self.lazy:
+            raise BadArgument(f"bank {self.path} is encoded as it is built: every reference has its memory")
+        if not isinstance(batch, int) or batch <= 0:
+            raise BadArgument(f"batch must be a positive integer, got {batch!r}")
+        t0 = time.monotonic()
+        lock = _Lock(self.path)
+        try:
+            self.refresh()
+            self._lazy.refresh()
+            need = self._lazy.slot < 0
+            need[self._lazy.damaged()] = True
+            todo = np.flatnonzero(~self._dead & need)
+            st = {"encoded": 0, "total": len(todo), "memories": self._lazy.encoded, "references": self.live_count}
+            for s0 in range(0, len(todo), batch):
+                ids = todo[s0:s0 + batch]
+                self._lazy.append(ids, self._encode_records(ids, encode_fn), locked=True)
+                st["encoded"] += len(ids)
+                st["memories"] = self._lazy.encoded
+                if progress is not None:
+                    progress(dict(st, seconds=time.monotonic() - t0))
+        finally:
+            lock.release()
+        dt = time.monotonic() - t0
+        st["seconds"] = round(dt, 3)
+        st["references_per_s"] = round(st["encoded"] / dt, 1) if dt > 0 else 0.0
+        return st
 
     def _checked_vectors(self, hi: int) -> None:
         """Check the crc32 of the live vectors below `hi` not checked yet (brute-force search reads them)."""
@@ -494,7 +570,9 @@ class Bank:
             "embed_dim": self.embed_dim,
             "tokens": tokens,  # <ref> included
             "memory_record_bytes": rec,
-            "memory_bytes": n * rec,
+            "lazy": self.lazy,
+            "memories": self.encoded_count,  # references with a memory (a lazy bank encodes on first use)
+            "memory_bytes": self.encoded_count * rec,
             "disk_bytes": disk,
             "bytes_per_reference": disk / n if n else 0.0,
             "fp32_kv_bytes_memory_layers": tokens * s.n_memory_layers * kv_tok,
@@ -538,15 +616,18 @@ class Bank:
             else:
                 T = self.shape.tokens_per_head
                 for i in live:
-                    parts = (("memory", self._mem[i:i + 1]), ("text", self._texts[off[i]:off[i] + ln[i]]),
-                             ("tokens", self._tokens[tok_off[i]:tok_off[i] + ntok[i]]),
-                             ("terms", self._terms[toff[i]:toff[i] + tn[i]]), ("vector", self._vecs[i]))
+                    parts = ((() if self.lazy else (("memory", self._mem[i:i + 1]),))
+                             + (("text", self._texts[off[i]:off[i] + ln[i]]),
+                                ("tokens", self._tokens[tok_off[i]:tok_off[i] + ntok[i]]),
+                                ("terms", self._terms[toff[i]:toff[i] + tn[i]]), ("vector", self._vecs[i])))
                     for what, data in parts:
                         if zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B")) != int(self._checks[what][i]):
                             damaged.append({"reference": i, "document": self.docs[int(docs_of[i])]["id"],
                                             "what": what})
                             break
                     else:
+                        if self.lazy:
+                            continue
                         c = self._mem[i]["count"]
                         if c.size and (c.min() < 0 or c.max() > T):
                             damaged.append({"reference": i, "document": self.docs[int(docs_of[i])]["id"],
@@ -556,6 +637,11 @@ class Bank:
                 at = np.arange(n)
                 if n and (np.any(first[docs_of] > at) or np.any(end[docs_of] <= at)):
                     problems.append("references are not grouped by document")
+        if self.lazy:
+            bad = self._lazy.damaged()
+            if len(bad):
+                problems.append(f"{len(bad)} encoded memories fail their checksum (first: reference {int(bad[0])}); "
+                                f"they are encoded again when next used, or now by `m3lite bank encode {p}`")
         for name in self.array_names():
             try:
                 self.get_array(name)
@@ -663,6 +749,45 @@ class Bank:
         st["seconds"] = round(dt, 3)
         st["references_per_s"] = round(st["added"] / dt, 1) if dt > 0 else 0.0
         st["count"] = self.count
+        return st
+
+    def merge(self, sources: Iterable["Bank"], progress: Callable[[dict], None] | None = None,
+              commit_every: int = 1024) -> dict[str, int]:
+        """Append the live documents of banks `sources`, in order, as they are stored there (built by the same
+        model, memory shape, quantization, encoding and embedder: m3lite.shards builds such parts). Documents
+        already here (same content) are skipped, so a killed merge resumes; commits at document boundaries.
+        Returns the counts copied."""
+        st = {"documents": 0, "references": 0, "skipped": 0}
+        with self._writer() as w:
+            for src in sources:
+                mine = (self.fingerprint, self.shape, self.quant, self.lazy, self.embed_dim,
+                        self.manifest.get("meta", {}).get("embedder"))
+                theirs = (src.fingerprint, src.shape, src.quant, src.lazy, src.embed_dim,
+                          src.manifest.get("meta", {}).get("embedder"))
+                if mine != theirs:
+                    raise BankError(f"bank {src.path} was built with other settings than {self.path} (model, "
+                                    f"memory shape, quantization, encoding or embedder); it cannot be merged")
+                dead = set(src._deleted_docs.tolist())
+                since = 0
+                for d in range(len(src.docs)):
+                    if d in dead:
+                        continue
+                    if src.docs[d]["sha256"] in w.live_hashes:
+                        st["skipped"] += 1
+                        continue
+                    n = w.copy_document(src, d)
+                    st["documents"] += 1
+                    st["references"] += n
+                    since += n
+                    if since >= commit_every:
+                        w.commit(final=False, stats={"documents_added": st["documents"], "added": st["references"]})
+                        since = 0
+                        if progress is not None:
+                            progress(dict(st))
+            if w.dirty:
+                w.commit(final=True, stats={"documents_added": st["documents"], "added": st["references"]})
+        if progress is not None:
+            progress(dict(st))
         return st
 
     def remove(self, source_id: str) -> dict[str, int]:

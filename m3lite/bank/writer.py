@@ -19,7 +19,49 @@ from ..sources import Document
 from .format import (BankError, CHECKS, CHECK_DTYPE, DATA_FILES, DELETED, DOCS, HASHED, INDEX_SAVE_MIN_TAIL, MANIFEST,
                      MEM, REFS, REF_DTYPE, TERMS, TEXTS, TOKENS, VECS, _ARRAY_NAME, _INDEX_NAME, _LEXICAL_NAME,
                      _TMP_NAME, _atomic_write, _hash_prefix, _map, _write_manifest)
+from .lazy import record_crcs
 from .index import HnswIndex, _build_lexical, _file_ok, _normalize, index_text
+
+
+def checked_encoding(b, B: int, encoded) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What an encode_fn returned for B references (keys, values, positions, counts), checked against the
+    memory shape of bank `b`."""
+    keys, values, pos, cnt = encoded
+    s = b.shape
+    Lm, H, T, hd = s.n_memory_layers, s.n_kv_heads, s.tokens_per_head, s.head_dim
+    keys, values = np.asarray(keys, np.float32), np.asarray(values, np.float32)
+    pos, cnt = np.asarray(pos), np.asarray(cnt)
+    for what, a, want in (("keys", keys, (B, Lm, H, T, hd)), ("values", values, (B, Lm, H, T, hd)),
+                          ("positions", pos, (B, Lm, H, T)), ("counts", cnt, (B, Lm, H))):
+        if a.shape != want:
+            raise BankError(f"encode_fn returned {what} of shape {a.shape}, this bank stores {want}: the "
+                            f"bank was made for another memory shape")
+    if cnt.size and (cnt.min() < 0 or cnt.max() > T):
+        raise BankError(f"encode_fn returned token counts outside [0, {T}]")
+    valid = np.arange(T) < cnt[..., None]
+    if pos.size and (np.where(valid, pos, 0).min() < 0 or np.where(valid, pos, 0).max() > 32767):
+        raise BankError("encode_fn returned positions outside [0, 32767]")
+    return keys, values, pos, cnt
+
+
+def memory_records(b, encoded, codebooks: np.ndarray | None = None) -> np.ndarray:
+    """The memory records of bank `b` for a checked encoding (`checked_encoding`), quantized as the bank stores
+    them; a pq bank needs its `codebooks`."""
+    keys, values, pos, cnt = encoded
+    valid = np.arange(b.shape.tokens_per_head) < cnt[..., None]
+    rec = np.zeros(len(keys), b.rec_dtype)
+    if b.quant == "pq":
+        kq, ks = PQ.encode(keys, codebooks, 0) * valid[..., None], None
+        vq, vs = PQ.encode(values, codebooks, 1) * valid[..., None], None
+    else:
+        kq, ks = Q.quantize(keys * valid[..., None], b.quant)
+        vq, vs = Q.quantize(values * valid[..., None], b.quant)
+    rec["k"], rec["v"] = kq, vq
+    if ks is not None:
+        rec["k_scale"], rec["v_scale"] = ks, vs
+    rec["pos"] = np.where(valid, pos, 0).astype("<i2")
+    rec["count"] = cnt.astype("<i2")
+    return rec
 
 
 class _Writer:
@@ -148,28 +190,12 @@ class _Writer:
     def append(self, group: list[tuple[Document, list]], encode_fn: Callable, embed_fn: Callable,
                batch: int) -> None:
         b = self.b
-        s = b.shape
-        rdt = b.rec_dtype
-        Lm, H, T, hd = s.n_memory_layers, s.n_kv_heads, s.tokens_per_head, s.head_dim
         refs = [(di, r) for di, (_, rs) in enumerate(group) for r in rs]
         first_doc = len(self.docs)
         text_off = self.len[TEXTS]
         for s0 in range(0, len(refs), batch):
             sub = refs[s0:s0 + batch]
             B = len(sub)
-            keys, values, pos, cnt = encode_fn([r.ids for _, r in sub])
-            keys, values = np.asarray(keys, np.float32), np.asarray(values, np.float32)
-            pos, cnt = np.asarray(pos), np.asarray(cnt)
-            for what, a, want in (("keys", keys, (B, Lm, H, T, hd)), ("values", values, (B, Lm, H, T, hd)),
-                                  ("positions", pos, (B, Lm, H, T)), ("counts", cnt, (B, Lm, H))):
-                if a.shape != want:
-                    raise BankError(f"encode_fn returned {what} of shape {a.shape}, this bank stores {want}: the "
-                                    f"bank was made for another memory shape")
-            if cnt.size and (cnt.min() < 0 or cnt.max() > T):
-                raise BankError(f"encode_fn returned token counts outside [0, {T}]")
-            valid = np.arange(T) < cnt[..., None]
-            if pos.size and (np.where(valid, pos, 0).min() < 0 or np.where(valid, pos, 0).max() > 32767):
-                raise BankError("encode_fn returned positions outside [0, 32767]")
             vecs = np.asarray(embed_fn([index_text(r) for di, r in sub]), np.float32)
             if vecs.shape != (B, b.embed_dim):
                 raise BankError(f"embed_fn returned shape {vecs.shape}, this bank stores ({B}, {b.embed_dim}) "
@@ -177,22 +203,14 @@ class _Writer:
             if not np.all(np.isfinite(vecs)):
                 raise BankError("embed_fn returned non-finite values")
             vecs = _normalize(vecs)
-            rec = np.zeros(B, rdt)
-            if b.quant == "pq":
-                if self.codebooks is None:
-                    self._store_codebooks(PQ.train(keys, values, cnt))
-                kq, ks = PQ.encode(keys, self.codebooks, 0) * valid[..., None], None
-                vq, vs = PQ.encode(values, self.codebooks, 1) * valid[..., None], None
+            if b.lazy:  # memories are encoded on first use (m3lite.bank.lazy)
+                raw, mem_crc = b"", np.zeros(B, np.uint32)
             else:
-                kq, ks = Q.quantize(keys * valid[..., None], b.quant)
-                vq, vs = Q.quantize(values * valid[..., None], b.quant)
-            rec["k"], rec["v"] = kq, vq
-            if ks is not None:
-                rec["k_scale"], rec["v_scale"] = ks, vs
-            rec["pos"] = np.where(valid, pos, 0).astype("<i2")
-            rec["count"] = cnt.astype("<i2")
-            raw = rec.tobytes()
-            rs = rdt.itemsize
+                encoded = checked_encoding(b, B, encode_fn([r.ids for _, r in sub]))
+                if b.quant == "pq" and self.codebooks is None:
+                    self._store_codebooks(PQ.train(encoded[0], encoded[1], encoded[3]))
+                rec = memory_records(b, encoded, self.codebooks)
+                raw, mem_crc = rec.tobytes(), record_crcs(rec)
             rr = np.zeros(B, REF_DTYPE)
             texts = [r.text.encode("utf-8", "replace") for _, r in sub]  # a lone surrogate becomes "?"
             lens = np.array([len(t) for t in texts], np.int64)
@@ -200,7 +218,7 @@ class _Writer:
             toks = [np.asarray(r.ids, "<u4") for _, r in sub]
             vbytes = vecs.astype("<f4").tobytes()
             ck = np.zeros(B, CHECK_DTYPE)
-            ck["memory"] = [zlib.crc32(raw[i * rs:(i + 1) * rs]) for i in range(B)]
+            ck["memory"] = mem_crc
             ck["text"] = [zlib.crc32(t) for t in texts]
             ck["tokens"] = [zlib.crc32(t.tobytes()) for t in toks]
             ck["terms"] = [zlib.crc32(t.tobytes()) for t in terms]
@@ -226,23 +244,68 @@ class _Writer:
             self.count += B  # the index catches up at the commits that save it
         # documents after their references: a commit always lands at a document boundary
         first = self.count - len(refs)
-        replaced: list[int] = []
-        for di, (doc, rs) in enumerate(group):
-            old = self.live_ids.get(doc.id)
-            if old is not None:
-                replaced.append(old)
-            line = json.dumps({"id": doc.id, "title": doc.title, "source": doc.source, "sha256": doc.sha256,
-                               "first": first, "count": len(rs)}, ensure_ascii=False)
-            self._write(DOCS, line.encode("utf-8", "replace") + b"\n")
-            self.docs.append({"id": doc.id, "title": doc.title, "source": doc.source, "sha256": doc.sha256,
-                              "first": first, "count": len(rs)})
-            idx = len(self.docs) - 1
-            if old is not None:
-                self.tombstone([old])
-            self.live_docs.add(idx)
-            self.live_hashes.add(doc.sha256)
-            self.live_ids[doc.id] = idx
+        for doc, rs in group:
+            self._add_document({"id": doc.id, "title": doc.title, "source": doc.source, "sha256": doc.sha256,
+                                "first": first, "count": len(rs)})
             first += len(rs)
+
+    def _add_document(self, d: dict) -> None:
+        """Record a document whose references were just appended; it replaces a live one of the same id."""
+        old = self.live_ids.get(d["id"])
+        self._write(DOCS, json.dumps(d, ensure_ascii=False).encode("utf-8", "replace") + b"\n")
+        self.docs.append(d)
+        idx = len(self.docs) - 1
+        if old is not None:
+            self.tombstone([old])
+        self.live_docs.add(idx)
+        self.live_hashes.add(d["sha256"])
+        self.live_ids[d["id"]] = idx
+
+    def copy_document(self, src, d: int) -> int:
+        """Append document `d` of bank `src` (same model, memory shape, quantization and embedder) with its
+        references as they are stored there: memories (unless lazy), texts, tokens, words, vectors, checks.
+        Each part is checked against its crc32 first, so damage is never copied. Returns its references."""
+        b = self.b
+        doc = src.docs[d]
+        lo, n = doc["first"], doc["count"]
+        rr = np.array(src._refs[lo:lo + n])
+        ck = np.array(src._checks[lo:lo + n])
+        texts, toks, terms = [], [], []
+        for j in range(n):
+            i = lo + j
+            r = src.reference(i)  # text checked
+            texts.append(r["text"].encode("utf-8", "replace"))
+            toks.append(src.tokens(i))
+            t0, tn = int(rr["terms_offset"][j]), int(rr["n_terms"][j])
+            t = np.array(src._terms[t0:t0 + tn], "<u8")
+            src._check(i, "terms", t)
+            terms.append(t)
+        vecs = src.vectors(np.arange(lo, lo + n)) if n else np.zeros((0, b.embed_dim), np.float32)
+        if not b.lazy:
+            if src.lazy:
+                raise BankError(f"bank {src.path} holds no memories (lazy); it cannot be merged into a bank "
+                                f"encoded as it is built")
+            if n:
+                src.memories(np.arange(lo, lo + n))  # checked
+            self._write(MEM, np.asarray(src._mem[lo:lo + n]).tobytes())
+        else:
+            ck["memory"] = 0
+        lens = np.array([len(t) for t in texts], np.int64)
+        n_terms = np.array([len(t) for t in terms], np.int64)
+        rr["doc"] = len(self.docs)
+        rr["text_offset"] = self.len[TEXTS] + np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+        rr["terms_offset"] = self.len[TERMS] // 8 + np.concatenate([[0], np.cumsum(n_terms)[:-1]]).astype(np.int64)
+        self._write(CHECKS, ck.tobytes())
+        self._write(REFS, rr.tobytes())
+        self._write(TEXTS, b"".join(texts))
+        self._write(VECS, np.asarray(vecs, "<f4").tobytes())
+        if n:
+            self._write(TOKENS, np.concatenate(toks).astype("<u4").tobytes())
+            self._write(TERMS, np.concatenate(terms).tobytes())
+        first = self.count
+        self.count += n
+        self._add_document(dict(doc, first=first))
+        return n
 
     def store_array(self, name: str, a: np.ndarray) -> None:
         """A named numeric array in its own .npy file (`Bank.put_array`), recorded by the next commit."""
