@@ -704,6 +704,9 @@ def bench(
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the table to FILE.md."),
     under_load: bool = typer.Option(False, "--under-load", help="Also run the mode-none rows while a busy "
                                     "process started by the bench holds one core, and compare."),
+    bank_scale: Optional[int] = typer.Option(None, "--bank-scale", min=1, help="Instead, measure a bank of N "
+                                             "synthetic references with the default model's memory shape (written "
+                                             "once into the cache): open, search p50/p99, memory fetch, RSS, disk."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure m3lite against llama.cpp, onnxruntime and PyTorch on the same weights: prefill and decode
@@ -712,6 +715,13 @@ def bench(
     (--under-load adds rows with a busy core, made by the bench itself)."""
     from m3bench.bench import check_report_path, markdown_table, run_bench, write_report
 
+    if bank_scale is not None:
+        from m3bench.bank_scale import markdown, run_bank_scale
+
+        with _progress_bar("bank scale", quiet=as_json) as progress:
+            res = run_bank_scale(bank_scale, progress=lambda d, t, w: progress(d, t, w))
+        _print_result(res, markdown, as_json, False)
+        return
     if report is not None:
         check_report_path(report)  # a bad path fails now, not after the run
     if model is None and preset is None:

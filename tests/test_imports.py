@@ -45,7 +45,7 @@ def test_runtime_never_imports_converters():
 
 def test_only_the_bench_command_imports_m3bench():
     g = import_graph()
-    users = sorted(m for m, ts in g.items() if not m.startswith("m3bench") for t in ts if t.startswith("m3bench"))
+    users = sorted({m for m, ts in g.items() if not m.startswith("m3bench") for t in ts if t.startswith("m3bench")})
     assert users == ["m3lite.cli"], users
 
 

@@ -1,14 +1,16 @@
 """The memory bank on disk: explicit memories of references, their texts, and the indexes to find them.
 
 The package, by concern: `format` (file names, record dtypes, the manifest, the writer lock), `index` (HNSW
-over the sentence vectors, the word index), `reader` (`Bank`: opening, reading, search, verify) and `writer`
-(the append session and its commits).
+over the sentence vectors, the word index), `reader` (`Bank`: opening, reading, search, verify, encode, merge),
+`writer` (the append session and its commits) and `lazy` (memories encoded on first use).
 
 A bank is a folder::
 
     manifest.json     the commit point, replaced atomically: shapes, fingerprint, committed lengths, checksums;
                       its own sha256 in "checksum"
-    memories.bin      fixed-size records, one per reference (numpy structured dtype, read through memmap)
+    memories.bin      fixed-size records, one per reference (numpy structured dtype, read through memmap); empty
+                      in a lazy bank (manifest memory.lazy), whose memories are in lazy.bin / lazy.idx: encoded
+                      when first retrieved, append-only, outside the manifest (see m3lite.bank.lazy)
     checks.bin        one CHECK_DTYPE record per reference: crc32 of its memory, text, tokens, terms and vector
     refs.bin          one REF_DTYPE record per reference: document, char offsets, text slice, tokens, terms
     texts.bin         the reference texts, UTF-8, concatenated

@@ -162,11 +162,11 @@ class Bank:
                 if _hash_prefix(p / name, files[name]["length"]).hexdigest() != files[name]["sha256"]:
                     raise BankError(f"bank file {p / name} does not match the checksum in {MANIFEST}; the bank is "
                                     f"damaged: rebuild it")
-            self.docs = self._read_docs(files[DOCS]["length"], m["documents"])
+            self._docs: list[dict] | None = None  # parsed when first needed (a million references: ~0.2 s)
             deleted = np.fromfile(p / DELETED, dtype="<u4", count=m["deleted_documents"]) \
                 if m["deleted_documents"] else np.zeros(0, "<u4")
         else:
-            self.docs = list(state[0])
+            self._docs = list(state[0])
             deleted = np.array(state[1], "<u4")
         n = self.count
         self._mem = _map(p / MEM, self.rec_dtype, 0 if self.lazy else n)
@@ -178,7 +178,7 @@ class Bank:
         self._checks = _map(p / CHECKS, CHECK_DTYPE, n)
         self._lexical: TermIndex | None = None  # BM25 over the references' words, loaded on the first text search
         self._vectors_checked = 0  # vectors [0, this) passed their crc32 (brute-force search reads them all)
-        if len(deleted) and (int(deleted.max()) >= len(self.docs) or len(np.unique(deleted)) != len(deleted)):
+        if len(deleted) and (int(deleted.max()) >= m["documents"] or len(np.unique(deleted)) != len(deleted)):
             raise BankError(f"bank file {p / DELETED} names unknown documents; the bank is damaged: rebuild it")
         self._deleted_docs = deleted.astype(np.int64)
         self._dead = np.zeros(n, bool)
@@ -196,28 +196,35 @@ class Bank:
         else:
             self._lazy.grow(n)
 
+    @property
+    def docs(self) -> list[dict]:
+        """The documents (id, title, source, sha256, first reference, reference count), in order; removed ones
+        included (see is_deleted)."""
+        if self._docs is None:
+            self._docs = self._read_docs(self.manifest["files"][DOCS]["length"], self.manifest["documents"])
+        return self._docs
+
     def _read_docs(self, length: int, n_docs: int) -> list[dict]:
         fp = self.path / DOCS
-        docs: list[dict] = []
         with open(fp, "rb") as f:
             data = f.read(length)
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
         bad = BankError(f"bank file {fp} is malformed; the bank is damaged: rebuild it")
+        if data and not data.endswith(b"\n"):
+            raise bad
+        try:  # one line per document, none with a raw newline inside (JSON escapes them): one parse for all
+            docs = json.loads(b"[" + data[:-1].replace(b"\n", b",") + b"]" if data else b"[]")
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise bad from None
+        if not isinstance(docs, list) or len(docs) != n_docs:
+            raise bad
         expect = 0
-        for line in lines:
-            try:
-                d = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise bad from None
-            if not (isinstance(d, dict) and all(isinstance(d.get(k), str) for k in ("id", "title", "source", "sha256"))
-                    and isinstance(d.get("first"), int) and isinstance(d.get("count"), int)
-                    and d["first"] == expect and d["count"] >= 0):
+        for d in docs:
+            if not (type(d) is dict and type(d.get("id")) is str and type(d.get("title")) is str
+                    and type(d.get("source")) is str and type(d.get("sha256")) is str
+                    and type(d.get("first")) is int and d["first"] == expect and type(d.get("count")) is int and d["count"] >= 0):
                 raise bad
             expect += d["count"]
-            docs.append(d)
-        if len(docs) != n_docs or expect != self.manifest["count"]:
+        if expect != self.manifest["count"]:
             raise bad
         return docs
 
@@ -512,10 +519,11 @@ class Bank:
         if not isinstance(k, (int, np.integer)) or k <= 0:
             raise BadArgument(f"k must be a positive integer, got {k!r}")
         ix = self._lexical_index()
-        sc = ix.scores(term_ids(text)) if self.count else np.zeros(0)
         out = self._dead.copy()
         out[[int(i) for i in skip if 0 <= int(i) < self.count]] = True
-        return top(sc, int(k), out)
+        if not self.count:
+            return top(np.zeros(0), int(k), out)
+        return ix.best(term_ids(text), int(k), out)
 
     def _lexical_index(self) -> TermIndex:
         """The stored BM25 index (checked against its sha256), or, when the bank has references it does not
@@ -562,7 +570,7 @@ class Bank:
             "fingerprint": self.fingerprint,
             "references": n,
             "live_references": self.live_count,
-            "documents": len(self.docs),
+            "documents": self.manifest["documents"],
             "deleted_documents": len(self._deleted_docs),
             "generation": self.generation,
             "quantization": self.quant,
