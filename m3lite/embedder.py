@@ -489,8 +489,9 @@ class SentenceEmbedder:
     def __call__(self, texts: Sequence[str], batch_size: int = 32, exact: bool = True) -> np.ndarray:
         """Unit vectors [len(texts), dim] float32 (zero rows for empty or whitespace-only texts). Texts are run
         in batches of up to `batch_size` of the same padded length, so little is spent on padding. `exact`:
-        every batch is filled to `batch_size` rows, so that a text's vector is the same bit for bit whatever it
-        is batched with (what a bank stores); without it a vector may differ in the last bit (a query)."""
+        no batch has a single row (one is filled up: onnxruntime computes a one-row batch another way), so that
+        a text's vector is the same bit for bit whatever it is batched with (what a bank stores); without it a
+        vector may differ in the last bit (a query)."""
         if isinstance(texts, str):
             raise BadArgument("pass a list of texts, not one string")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -511,7 +512,7 @@ class SentenceEmbedder:
                 by_len.setdefault(padded[j], []).append(j)
             batches = [(n, g[b:b + batch_size]) for n, g in by_len.items() for b in range(0, len(g), batch_size)]
             for n, rows in batches:
-                x = np.zeros((batch_size if exact else len(rows), n), np.int64)
+                x = np.zeros((max(len(rows), 2) if exact else len(rows), n), np.int64)
                 mask = np.zeros(x.shape, np.int64)
                 mask[len(rows):, 0] = 1  # filler rows: one [PAD] token each, dropped
                 for r, j in enumerate(rows):

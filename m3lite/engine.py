@@ -380,7 +380,9 @@ class Engine:
         """Choose the thread count of the next generation's decode steps and prefill matrix products (BLAS): all
         of the engine's threads on a quiet machine, one fewer for each core another program keeps busy (see
         `threads.threads_now`); the count the caller or $M3LITE_THREADS fixed is kept. Returns it."""
-        if self.adaptive:
+        if not self.adaptive:  # the fixed count holds for the BLAS too (else it would run on every core)
+            set_blas_threads(self.active_threads)
+        else:
             n = threads_now(self.n_threads)
             set_blas_threads(n)  # the prefill's matrix products: the same cores (a no-op when unchanged)
             if n != self.active_threads:

@@ -52,6 +52,7 @@ def collect_documents(sources: Sequence[str | Document], warn: Callable[[str], N
 
 
 ENCODE = ("lazy", "all")
+LAZY_BATCH = 512  # references embedded at a time by a lazy build
 
 
 def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str = "int8", create: bool = True,
@@ -97,8 +98,9 @@ def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str
     eng = model.engine("numba")
     cb = (lambda st: progress(st, total)) if progress is not None else None
     with model.generation_lock():
+        # a lazy bank only embeds: larger batches let the embedder group references of one padded length
         stats = bank.add(todo, eng.encode_references, embed, tok, max_tokens=cfg.reference_max_tokens,
-                         progress=cb, chunker=lambda d: chunks[d.sha256])
+                         batch=LAZY_BATCH if bank.lazy else 64, progress=cb, chunker=lambda d: chunks[d.sha256])
         if bank.lazy and encode == "all":
             stats["encoded"] = bank.encode(eng.encode_references, progress=encode_progress)
     stats["skipped"] += len(docs) - len(todo)

@@ -93,6 +93,11 @@ def test_a_busy_machine_runs_fewer_decode_threads(monkeypatch):
     assert not Engine(cfg, w, max_ctx=64, n_threads=2).adaptive
     monkeypatch.setenv("M3LITE_THREADS", "2")
     assert not Engine(cfg, w, max_ctx=64).adaptive
+    # a fixed count holds for the BLAS too: M3LITE_THREADS=1 runs the prefill's matrix products on one thread
+    monkeypatch.setattr(TH, "_blas_threads", 0)
+    fixed = Engine(cfg, w, max_ctx=64, n_threads=1)
+    assert fixed.fit_threads() == 1 and TH._blas_threads == 1
+    TH.set_blas_threads(TH.physical_cores())
 
 
 def test_other_runnable_reads_this_machine():
