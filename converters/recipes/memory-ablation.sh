@@ -20,7 +20,7 @@ measure() {  # model dir, results folder [, extra modes for the facts eval]
   local M="$1" R="$2" MODES="${3:-memory}"
   mkdir -p "$R"
   [ -f "$R/build.json" ] || { rm -rf "$R/facts.bank"
-    m3lite bank build "$RUNS/facts/notes.jsonl" --out "$R/facts.bank" --model "$M" --json > "$R/build.json.tmp"
+    m3lite bank build "$RUNS/facts/notes.jsonl" --out "$R/facts.bank" --model "$M" --encode all --json > "$R/build.json.tmp"
     mv "$R/build.json.tmp" "$R/build.json"; }
   m3lite bank info "$R/facts.bank" --json > "$R/info.json"
   for K in 1 5; do
@@ -59,7 +59,7 @@ done
 R="$OUT/all-32-adapted-int4"
 mkdir -p "$R"
 [ -f "$R/build.json" ] || m3lite bank build "$RUNS/facts/notes.jsonl" --out "$R/facts.bank" \
-  --model "$RUNS/models/all-32-adapted" --quant int4 --json > "$R/build.json"
+  --model "$RUNS/models/all-32-adapted" --quant int4 --encode all --json > "$R/build.json"
 m3lite bank info "$R/facts.bank" --json > "$R/info.json"
 [ -f "$R/facts-r1.json" ] || m3lite eval --model "$RUNS/models/all-32-adapted" --bank "$R/facts.bank" \
   --qa "$RUNS/facts/qa.jsonl" --limit 100 --refs 1 --modes memory --json > "$R/facts-r1.json"
