@@ -330,7 +330,7 @@ def bank_build(
                                          "one process builds."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run the parts as Ray tasks: 'local' starts a Ray here, "
                                       "else the address of a running cluster (e.g. 10.0.0.5:6379; the model and "
-                                      "--out on storage every node sees). Needs pip install 'm3lite[ray]'."),
+                                      "--out on storage every node sees). Needs pip install 'm3lite\\[ray]'."),
     as_json: bool = typer.Option(False, "--json", help="Print the build statistics as JSON."),
 ) -> None:
     """Build a bank: cut SOURCES into references, embed and index them, and encode their explicit memories
@@ -383,8 +383,12 @@ def bank_encode(
     if as_json:
         _echo_json(dict(st, bank=str(b.path)))
         return
-    typer.echo(f"{b.path}: encoded {st['encoded']:,} memories in {st['seconds']:.1f} s, "
-               f"{st['references_per_s']:.1f} refs/s; {_memories_line(b.path, st['memories'], st['references'])}")
+    done = _memories_line(b.path, st["memories"], st["references"])
+    if not st["encoded"]:
+        typer.echo(f"{b.path}: nothing to encode; {done}")
+        return
+    typer.echo(f"{b.path}: encoded {st['encoded']:,} memor{'y' if st['encoded'] == 1 else 'ies'} in "
+               f"{st['seconds']:.1f} s, {st['references_per_s']:.1f} refs/s; {done}")
 
 
 @bank_app.command("add")

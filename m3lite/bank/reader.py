@@ -357,12 +357,14 @@ class Bank:
                ) -> dict[str, Any]:
         """Encode the memories a lazy bank does not have yet (live references, in order), holding the writer
         lock; killed, it keeps every batch written, and a rerun goes on. `progress(stats)` after each batch.
-        Returns the stats (encoded, total, seconds, references_per_s)."""
-        if not self.lazy:
-            raise BadArgument(f"bank {self.path} is encoded as it is built: every reference has its memory")
+        Returns the stats (encoded, total, seconds, references_per_s); a bank encoded as it was built has nothing
+        to encode."""
         if not isinstance(batch, int) or batch <= 0:
             raise BadArgument(f"batch must be a positive integer, got {batch!r}")
         t0 = time.monotonic()
+        if not self.lazy:  # encoded as it was built: every reference has its memory
+            return {"encoded": 0, "total": 0, "memories": self.count, "references": self.live_count,
+                    "seconds": 0.0, "references_per_s": 0.0}
         lock = _Lock(self.path)
         try:
             self.refresh()
