@@ -80,11 +80,13 @@ def _plan(out: Path, docs: list[Document], n: int) -> list[list[Document]]:
     if plan_file.is_file():
         try:
             plan = json.loads(plan_file.read_text())
-            if plan.get("shards") == n and all(h in by_hash for p in plan["parts"] for h in p):
+            planned = [h for p in plan["parts"] for h in p]
+            if plan.get("shards") == n and planned == [d.sha256 for d in docs]:  # the same sources, in order
                 return [[by_hash[h] for h in p] for p in plan["parts"]]
         except (ValueError, KeyError, TypeError):
             pass
-        shutil.rmtree(pd)  # another split (other sources or shard count): start the parts again
+    if pd.exists():  # another split (other sources or shard count), or no plan: start the parts again
+        shutil.rmtree(pd)
     parts = split(docs, n)
     pd.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(plan_file, json.dumps({"shards": n, "parts": [[d.sha256 for d in p] for p in parts]}).encode())

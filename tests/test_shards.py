@@ -142,3 +142,28 @@ def test_ray_build_equals_the_single_build_and_retries_a_killed_worker(single, t
         assert (tmp_path / "bank.parts").exists() is False
     finally:
         ray.shutdown()
+
+
+def test_a_changed_source_list_is_split_again(tmp_path):
+    """A plan is reused only for the same documents in the same order: a new document, or another shard count,
+    starts the parts again (a stale part would mix two splits)."""
+    from m3lite.shards import _plan
+
+    out = tmp_path / "bank"
+    docs = _docs(10)
+    first = _plan(out, docs, 3)
+    (parts_dir(out) / "000-of-003").mkdir()
+    assert _plan(out, docs, 3) == first and (parts_dir(out) / "000-of-003").exists()
+    more = docs + _docs(11)[10:]
+    assert [d for p in _plan(out, more, 3) for d in p] == more
+    assert not (parts_dir(out) / "000-of-003").exists()
+    assert len(_plan(out, more, 2)) == 2
+
+
+def test_merge_refuses_a_pq_bank(tmp_path):
+    from m3lite.bank import BankError
+
+    a = Bank.create(tmp_path / "a", "fp", (1, 1, 4, 8), quant="pq", embed_dim=4)
+    b = Bank.create(tmp_path / "b", "fp", (1, 1, 4, 8), quant="pq", embed_dim=4)
+    with pytest.raises(BankError, match="pq"):
+        a.merge([b])

@@ -768,6 +768,9 @@ class Bank:
         already here (same content) are skipped, so a killed merge resumes; commits at document boundaries.
         Returns the counts copied."""
         st = {"documents": 0, "references": 0, "skipped": 0}
+        if self.quant == "pq":
+            raise BankError(f"bank {self.path} is a pq bank: its memories are codes into its own codebooks, so other "
+                            f"banks cannot be merged into it")
         with self._writer() as w:
             for src in sources:
                 mine = (self.fingerprint, self.shape, self.quant, self.lazy, self.embed_dim,
