@@ -100,6 +100,10 @@ class Session:
                     pass
 
     def loop(self) -> None:
+        # Ctrl-C at the prompt leaves, even when this process was started with SIGINT ignored (a background job
+        # of a script passes that on): answer() puts back what is set here
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         while True:
             try:
                 line = input(PROMPT).strip()
