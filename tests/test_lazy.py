@@ -6,7 +6,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from m3lite.bank import Bank, BankError
 from m3lite.bank.lazy import ENTRY, LAZY_IDX, LAZY_MEM
 from m3lite.memory import build_or_add
 from clitools import run
-from test_bank import REPO, SHAPE, fake_embed, fake_encode, make_docs, new_bank, one_line_error, tok  # noqa: F401
+from test_bank import REPO, fake_embed, fake_encode, make_docs, new_bank, one_line_error, tok  # noqa: F401
 
 N_DOCS = 60
 
@@ -96,9 +95,7 @@ def kill_child(bank_path, tok_path, mode, kill_after):
     as retrieval does, a few at a time) and SIGKILL itself at the `kill_after`-th fsync of the lazy files, or
     between writing a record and its entry when `kill_after` is negative."""
     from m3lite.bank import lazy as lazy_mod
-    from m3lite.tokenizer import Tokenizer
 
-    Tokenizer(tok_path)
     calls = [0]
     real_fsync = lazy_mod.os.fsync
 
@@ -171,18 +168,16 @@ def test_ask_on_a_lazy_bank_answers_as_on_an_encoded_one(tiny_model_dir, notes_d
     assert 0 < used <= len(a_lazy["references"]) + 8
     p = run("bank", "info", lazy)
     assert f"{used} of {out['count']} encoded" in p.stdout
-    m = m3lite.load(model)
     ids = list(range(out["count"]))
     have = np.flatnonzero(Bank.open(lazy)._lazy.slot >= 0)
     got, want = Bank.open(lazy).memories(have), Bank.open(full).memories(have)
     assert all(np.array_equal(x, y) for x, y in zip(got, want))
-    t0 = time.monotonic()
     enc = json.loads(run("bank", "encode", lazy, "--model", model, "--json").stdout)
-    assert enc["encoded"] == out["count"] - used and enc["memories"] == out["count"], time.monotonic() - t0
+    assert enc["encoded"] == out["count"] - used and enc["memories"] == out["count"]
     got, want = Bank.open(lazy).memories(ids), Bank.open(full).memories(ids)
     assert all(np.array_equal(x, y) for x, y in zip(got, want))
     assert json.loads(run("bank", "verify", lazy, "--json").stdout)["ok"]
-    assert m.fingerprint == info["fingerprint"]
+    assert info["fingerprint"] == Bank.open(full).fingerprint
     # refused in one line: --encode lazy with pq, an unknown --encode
     for extra in (["--encode", "lazy", "--quant", "pq"], ["--encode", "some"]):
         p = run("bank", "build", notes_dir, "--out", tmp_path / "x", "--model", model, *extra, check=False)

@@ -771,10 +771,10 @@ class Bank:
         if self.quant == "pq":
             raise BankError(f"bank {self.path} is a pq bank: its memories are codes into its own codebooks, so other "
                             f"banks cannot be merged into it")
+        mine = (self.fingerprint, self.shape, self.quant, self.lazy, self.embed_dim,
+                self.manifest.get("meta", {}).get("embedder"))
         with self._writer() as w:
             for src in sources:
-                mine = (self.fingerprint, self.shape, self.quant, self.lazy, self.embed_dim,
-                        self.manifest.get("meta", {}).get("embedder"))
                 theirs = (src.fingerprint, src.shape, src.quant, src.lazy, src.embed_dim,
                           src.manifest.get("meta", {}).get("embedder"))
                 if mine != theirs:

@@ -285,8 +285,8 @@ class _Writer:
             if src.lazy:
                 raise BankError(f"bank {src.path} holds no memories (lazy); it cannot be merged into a bank "
                                 f"encoded as it is built")
-            if n:
-                src.memories(np.arange(lo, lo + n))  # checked
+            for i in range(lo, lo + n):
+                src._check(i, "memory", src._mem[i:i + 1])
             self._write(MEM, np.asarray(src._mem[lo:lo + n]).tobytes())
         else:
             ck["memory"] = 0
