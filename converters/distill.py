@@ -13,10 +13,14 @@ references as explicit memory the way the runtime does (`encode_memory` of [mark
 memory layers). Loss: KL(teacher || student) over the answer tokens, the teacher's top-k renormalised.
 Only the adapter trains; the memory settings are the model directory's (import it with --memory-layers and
 --memory-tokens first). With --memory-grad on (default) gradients also reach the adapter through the memories'
-keys and values (the model learns to write memories as well as to read them).
+keys and values (the model learns to write memories as well as to read them). With --memory-quant pq the student
+reads its memories product-quantized as a `--quant pq` bank stores them (quantization-aware distillation:
+converters/pq_torch.py): the valid keys and values are replaced by their nearest-centroid reconstruction, with a
+straight-through gradient; the codebooks are trained by k-means on the current student's memories of a fixed
+sample of training references at the start and every --pq-refresh steps.
 
-A run directory holds run.json, checkpoint.pt (adapter, optimizer, step; weights_only), adapter.safetensors
-(written with every checkpoint), loss.csv, eval.csv, loss.png and train.log.
+A run directory holds run.json, checkpoint.pt (adapter, optimizer, step, the pq codebooks; weights_only),
+adapter.safetensors (written with every checkpoint), loss.csv, eval.csv, loss.png and train.log.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m3lite import pq as PQ
 from m3lite.adapter import KINDS
 from m3lite.modelfile import ModelFiles, atomic_write_bytes
 
@@ -36,15 +41,22 @@ from . import data as D
 from . import distill_data as DD
 from .lora import add_lora, lora_modules, save_adapter
 from .model import encode_memory, forward_with_memory_parallel, from_stacked
+from .pq_torch import fake_quant_memory, relative_error, train_codebooks
 
 CKPT_FORMAT, CKPT_VERSION = "m3lite-distill", 1
 ADAPTER = "adapter.safetensors"
 RUN_FIELDS = ("model", "data", "steps", "batch", "lr", "min_lr", "warmup_steps", "schedule", "decay_frac",
-              "rank", "alpha", "kinds", "memory_grad", "grad_clip", "seed", "eval_every", "eval_items")
+              "rank", "alpha", "kinds", "memory_grad", "grad_clip", "seed", "eval_every", "eval_items",
+              "memory_quant", "pq_refresh", "pq_refs")
+# settings added after runs existed: a run.json without them had these values
+LATER_FIELDS = dict(memory_quant="none", pq_refresh=100, pq_refs=PQ.TRAIN_REFS)
 DEFAULTS = dict(steps=600, batch=4, lr=5e-4, schedule="cosine", decay_frac=0.2, rank=16, alpha=32.0,
                 kinds=",".join(KINDS), memory_grad="on", grad_clip=1.0, seed=0, eval_every=50, eval_items=32,
-                save_every=50, log_every=10, stop_at=None, device="auto", bf16="auto", retrieval_top_k=None)
+                save_every=50, log_every=10, stop_at=None, device="auto", bf16="auto", retrieval_top_k=None,
+                **LATER_FIELDS)
 EVAL_EVERY_NTH = 20  # item i with i % 20 == 0 is held out of training for the evaluation loss
+PQ_SALT = 0x5051  # keeps the pq draws apart from the data order's (both start from the run's seed)
+PQ_ENCODE_BATCH = 32  # references per encode_memory call when the codebooks are trained
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,11 +72,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                           "the model's own)")
     a("--memory-grad", choices=("on", "off"), help="distill: let gradients reach the adapter through the "
                                                    "memories' keys and values (default on)")
+    a("--memory-quant", choices=("none", "pq"),
+      help="distill: pq trains with the memories product-quantized as a --quant pq bank stores them "
+           "(nearest-centroid keys and values, straight-through gradient; default none)")
+    a("--pq-refresh", type=int, help="distill, --memory-quant pq: retrain the codebooks on the current student's "
+                                     "memories every N steps (default 100)")
+    a("--pq-refs", type=int, help=f"distill, --memory-quant pq: training references whose memories train the "
+                                  f"codebooks (a fixed sample; default {PQ.TRAIN_REFS}, as a pq bank)")
 
 
 def resolve(args: argparse.Namespace, saved: dict | None, parent) -> dict:
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("resume", "out")}
     if saved is not None:
+        saved = {**LATER_FIELDS, **saved}
         for k in RUN_FIELDS:
             if k in given and given[k] != saved.get(k):
                 raise parent.TrainError(f"--{k.replace('_', '-')} {given[k]} differs from this run's "
@@ -83,6 +103,10 @@ def resolve(args: argparse.Namespace, saved: dict | None, parent) -> dict:
     if not kinds or any(k not in KINDS for k in kinds):
         raise parent.TrainError(f"--kinds must name some of {','.join(KINDS)}")
     s["kinds"] = ",".join(kinds)
+    if s["memory_quant"] != "pq" and ("pq_refresh" in given or "pq_refs" in given):
+        raise parent.TrainError("--pq-refresh and --pq-refs go with --memory-quant pq")
+    if s["pq_refresh"] <= 0 or s["pq_refs"] <= 0:
+        raise parent.TrainError("--pq-refresh and --pq-refs must be positive")
     s.setdefault("min_lr", s["lr"] / 10)
     s.setdefault("warmup_steps", min(20, s["steps"] // 10))
     return s
@@ -146,14 +170,17 @@ class Items:
                 "ref_tokens": ref_tokens.to(device), "lengths": lengths.to(device), "counts": counts}
 
 
-def kl_sum(model, batch: dict, memory_grad: bool) -> tuple[torch.Tensor, int]:
-    """Summed KL(teacher || student) over the batch's answer tokens, and their number."""
+def kl_sum(model, batch: dict, memory_grad: bool, codebooks: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Summed KL(teacher || student) over the batch's answer tokens, and their number. codebooks (pq
+    codebooks, m3lite.pq's layout): the student reads its memories quantized with them (straight-through)."""
     cfg = model.cfg
     if memory_grad:
         mem = encode_memory(model, batch["ref_tokens"], batch["lengths"])
     else:
         with torch.no_grad():
             mem = encode_memory(model, batch["ref_tokens"], batch["lengths"]).detach()
+    if codebooks is not None:
+        mem = fake_quant_memory(mem, codebooks)
     per_seq, j = [], 0
     for c in batch["counts"]:
         per_seq.append(mem[list(range(j, j + c))])
@@ -166,6 +193,58 @@ def kl_sum(model, batch: dict, memory_grad: bool) -> tuple[torch.Tensor, int]:
     teacher = torch.log_softmax(batch["logp"], dim=-1)  # the top-k, renormalised
     kl = (teacher.exp() * (teacher - student)).sum()
     return kl, int(sel.shape[0])
+
+
+def pq_references(data: Items, n: int, seed: int) -> list[list[int]]:
+    """The fixed sample of references whose memories train the pq codebooks: n distinct references of the
+    training items (all of them when fewer), drawn with the run's seed, in their order of first appearance."""
+    seen: dict[tuple, None] = {}
+    for i in data.train_ids:
+        for r in data.items[int(i)]["refs"]:
+            seen.setdefault(tuple(r), None)
+    refs = list(seen)
+    pick = np.sort(np.random.default_rng([seed, PQ_SALT]).permutation(len(refs))[:n])
+    return [list(refs[j]) for j in pick]
+
+
+@torch.no_grad()
+def train_pq(model, refs: list[list[int]], seed: int, step: int, device: torch.device, autocast) \
+        -> tuple[torch.Tensor, float, float, int]:
+    """Codebooks (m3lite.pq's layout, on `device`) trained by k-means on the current model's memories of `refs`:
+    at most m3lite.pq.SAMPLE valid (reference, slot) vectors, drawn, like the k-means starts, from (seed, step)
+    only, so a run retraining them at the same step with the same weights gets the same codebooks. Also the
+    relative reconstruction errors of the sample's keys and values, and the sample's size."""
+    cfg = model.cfg
+    K = cfg.memory_tokens_per_head
+    lengths = [min(len(r), cfg.reference_max_tokens) for r in refs]
+    slots = [(j, t) for j, n in enumerate(lengths) for t in range(min(K, n - 1))]
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, PQ_SALT]).generate_state(1)[0]))
+    chosen = torch.arange(len(slots))
+    if len(slots) > PQ.SAMPLE:
+        chosen = torch.randperm(len(slots), generator=g)[:PQ.SAMPLE].sort().values
+    by_ref: dict[int, list[int]] = {}
+    for c in chosen.tolist():
+        j, t = slots[c]
+        by_ref.setdefault(j, []).append(t)
+    wanted = sorted(by_ref)
+    keys, values = [], []
+    for a in range(0, len(wanted), PQ_ENCODE_BATCH):
+        rows = wanted[a:a + PQ_ENCODE_BATCH]
+        width = max(lengths[j] for j in rows)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, j in enumerate(rows):
+            tokens[b, :lengths[j]] = torch.tensor(refs[j][:lengths[j]])
+        with autocast():
+            mem = encode_memory(model, tokens.to(device), torch.tensor([lengths[j] for j in rows], device=device))
+        rb = torch.tensor([b for b, j in enumerate(rows) for _ in by_ref[j]], device=device)
+        tb = torch.tensor([t for j in rows for t in by_ref[j]], device=device)
+        keys.append(mem.keys[rb, :, :, tb].float())  # [n, Lm, H, hd]
+        values.append(mem.values[rb, :, :, tb].float())
+    Lm, H, hd = len(cfg.memory_layer_ids), cfg.n_kv_heads, cfg.hd
+    keys = torch.cat(keys) if keys else torch.zeros(0, Lm, H, hd, device=device)
+    values = torch.cat(values) if values else torch.zeros(0, Lm, H, hd, device=device)
+    cb = train_codebooks(keys, values, g)
+    return cb, relative_error(keys, cb, 0), relative_error(values, cb, 1), len(keys)
 
 
 def run(args: argparse.Namespace, parent) -> int:
@@ -198,6 +277,10 @@ def run(args: argparse.Namespace, parent) -> int:
     bf16 = parent.use_bf16(s["bf16"], proc.device)
     opt = torch.optim.AdamW(params, lr=s["lr"], betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
     step, tokens, elapsed = 0, 0, 0.0
+    pq_on = s["memory_quant"] == "pq"
+    if pq_on:
+        PQ.n_codes(model.cfg.hd)  # a head dimension pq can cut, or BadArgument now
+    codebooks = None  # with --memory-quant pq: the codebooks the student reads its memories through
     if saved is not None:
         state = torch.load(run_dir / parent.CKPT, map_location="cpu", weights_only=True)
         if state.get("format") != CKPT_FORMAT or state.get("version") != CKPT_VERSION:
@@ -207,6 +290,12 @@ def run(args: argparse.Namespace, parent) -> int:
             m.lora_b.data.copy_(b)
         opt.load_state_dict(state["optimizer"])
         step, tokens, elapsed = int(state["step"]), int(state["tokens"]), float(state["elapsed"])
+        if pq_on:
+            # the codebooks are stored with every checkpoint: they were trained on the weights of their refresh
+            # step, which a run resumed later than that no longer has, so retraining could not reproduce them
+            if "pq_codebooks" not in state:
+                raise parent.TrainError(f"{run_dir / parent.CKPT} has no pq codebooks")
+            codebooks = state["pq_codebooks"].to(proc.device)
     loss_log = eval_log = None
     if proc.main:
         loss_log = parent.CsvLog(run_dir / parent.LOSS_CSV, ("step", "tokens", "loss", "lr", "seconds", "stage"),
@@ -219,6 +308,7 @@ def run(args: argparse.Namespace, parent) -> int:
         f"{model.cfg.memory_tokens_per_head} tokens/head; LoRA rank {s['rank']} on {s['kinds']}: "
         f"{sum(p.numel() for p in params):,} parameters; {n_train} items ({len(data.eval_ids)} held out), "
         f"batch {s['batch']}, {proc.world} process(es) on {proc.device}, "
+        f"{'pq memories (codebooks every ' + str(s['pq_refresh']) + ' steps), ' if pq_on else ''}"
         f"{'resuming at step ' + str(step) if step else 'from step 0'} of {s['steps']}")
 
     def evaluate() -> float:
@@ -228,29 +318,52 @@ def run(args: argparse.Namespace, parent) -> int:
         with torch.no_grad():
             for i in range(0, len(ids), s["batch"]):
                 with parent._autocast(proc.device, bf16):
-                    kl, n = kl_sum(model, data.batch(ids[i:i + s["batch"]], model, proc.device), False)
+                    kl, n = kl_sum(model, data.batch(ids[i:i + s["batch"]], model, proc.device), False, codebooks)
                 tot, cnt = tot + float(kl), cnt + n
         model.train()
         tot, cnt = proc.sum([tot, float(cnt)])
         return tot / max(cnt, 1.0)
 
+    pq_refs = pq_references(data, s["pq_refs"], s["seed"]) if pq_on else []
+
+    def refresh_codebooks() -> None:
+        """Retrain the codebooks on the current student's memories (every process the same: seeded by (seed,
+        step), deterministic; the main process's are broadcast all the same)."""
+        nonlocal codebooks
+        t0 = time.perf_counter()
+        model.eval()
+        codebooks, key_err, value_err, n = train_pq(model, pq_refs, s["seed"], step, proc.device,
+                                                    lambda: parent._autocast(proc.device, bf16))
+        model.train()
+        if proc.world > 1:
+            parent.dist.broadcast(codebooks, 0)
+        log(f"distill step {step} pq codebooks: relative error keys {key_err:.4f} values {value_err:.4f} "
+            f"({n} vectors of {len(pq_refs)} references, {time.perf_counter() - t0:.1f} s)")
+
     def save() -> None:
         if proc.main:
             lora = [(m.lora_a.detach().cpu(), m.lora_b.detach().cpu()) for _, _, m in lora_modules(model)]
-            parent._save_checkpoint(run_dir / parent.CKPT, {
-                "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step, "tokens": tokens,
-                "elapsed": elapsed, "lora": lora, "optimizer": opt.state_dict()})
-            save_adapter(model, run_dir / ADAPTER, s["rank"], s["alpha"], base_name, {
-                "method": "distillation from RAG (KL on the teacher's answer tokens)", "data": data.meta,
-                "steps": step, "batch": s["batch"], "lr": s["lr"], "kinds": s["kinds"],
-                "memory_grad": s["memory_grad"], "seconds": round(elapsed, 1)},
-                retrieval_top_k=s.get("retrieval_top_k"))
+            state = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step, "tokens": tokens,
+                     "elapsed": elapsed, "lora": lora, "optimizer": opt.state_dict()}
+            if codebooks is not None:
+                state["pq_codebooks"] = codebooks.detach().cpu()
+            parent._save_checkpoint(run_dir / parent.CKPT, state)
+            training = {"method": "distillation from RAG (KL on the teacher's answer tokens)", "data": data.meta,
+                        "steps": step, "batch": s["batch"], "lr": s["lr"], "kinds": s["kinds"],
+                        "memory_grad": s["memory_grad"], "memory_quant": s["memory_quant"],
+                        "seconds": round(elapsed, 1)}
+            if pq_on:
+                training.update(pq_refresh=s["pq_refresh"], pq_refs=len(pq_refs))
+            save_adapter(model, run_dir / ADAPTER, s["rank"], s["alpha"], base_name, training,
+                         retrieval_top_k=s.get("retrieval_top_k"))
             parent.write_chart(run_dir)
         proc.barrier()
 
     stop = min(s["steps"], s["stop_at"]) if s.get("stop_at") else s["steps"]
     t_session = time.perf_counter()
     t_mark, step_mark, elapsed0 = t_session, step, elapsed
+    if pq_on and codebooks is None:  # a fresh run (a resumed one has its checkpoint's)
+        refresh_codebooks()
     if step == 0 and s["eval_every"]:
         ev = evaluate()
         log(f"distill step 0 held-out KL {ev:.4f}")
@@ -266,7 +379,7 @@ def run(args: argparse.Namespace, parent) -> int:
         n_all = sum(len(data.items[int(data.train_ids[i])]["answer_ids"]) for i in everyone)
         batch = data.batch(data.train_ids[pos], model, proc.device)
         with parent._autocast(proc.device, bf16):
-            kl, n = kl_sum(model, batch, memory_grad)
+            kl, n = kl_sum(model, batch, memory_grad, codebooks)
         (kl / n_all).backward()
         parent.optimizer_step(opt, params, proc, s["grad_clip"])
         step += 1
@@ -284,6 +397,9 @@ def run(args: argparse.Namespace, parent) -> int:
             log(f"distill step {step}/{s['steps']} KL {loss:.4f} lr {lr:.2e} {per_step:.2f} s/step "
                 f"ETA {parent._eta(per_step * (s['steps'] - step))}")
             t_mark, step_mark = now, step
+        if pq_on and (step % s["pq_refresh"] == 0 or step == s["steps"]):
+            # after the step, so the evaluation and checkpoint of this step already use (and store) them
+            refresh_codebooks()
         if s["eval_every"] and (step % s["eval_every"] == 0 or step == s["steps"]):
             ev = evaluate()
             log(f"distill step {step} held-out KL {ev:.4f}")

@@ -280,19 +280,21 @@ def _build_progress(quiet: bool = False, what: str = "encoding references"):
 
 
 def _progress_build(model, out: Path, sources: list[str], quant: str, create: bool, as_json: bool,
-                    encode: str = "all") -> None:
+                    encode: str = "all", vectors: str = "now") -> None:
     from .memory import build_or_add
 
     with _build_progress(quiet=as_json, what="adding references") as progress, \
             _encode_progress(quiet=as_json) as encode_progress:
         stats = build_or_add(model, out, sources, quant=quant, create=create, warn=_warn, progress=progress,
-                             encode=encode, encode_progress=encode_progress)
+                             encode=encode, encode_progress=encode_progress, vectors=vectors)
     if as_json:
         _echo_json(stats)
         return
     typer.echo(f"{stats['bank']}: added {stats['added']} references from {stats['documents_added']} documents "
                f"({stats['skipped']} already present) in {stats['seconds']:.1f} s, "
                f"{stats['references_per_s']:.0f} refs/s; the bank holds {stats['count']} references")
+    if stats["lazy_vectors"]:
+        typer.echo(_vectors_line(stats["bank"], stats["vectors"], stats["count"]))
     if stats["lazy"]:
         typer.echo(_memories_line(stats["bank"], stats["memories"], stats["count"]))
 
@@ -302,6 +304,20 @@ def _memories_line(bank, memories: int, count: int) -> str:
         return f"every reference has its memory ({memories:,})"
     return (f"{memories:,} of {count:,} references have their memory: the others are encoded when a question "
             f"first retrieves them, or all now by `m3lite bank encode {bank}`")
+
+
+def _vectors_line(bank, vectors: int, count: int) -> str:
+    if vectors >= count:
+        return f"every reference has its sentence vector ({vectors:,})"
+    return (f"{vectors:,} of {count:,} references have their sentence vector, which dense search needs: the "
+            f"others are computed when a word search first finds them, or all now by `m3lite bank encode {bank}`")
+
+
+@contextmanager
+def _embed_progress(quiet: bool = False):
+    """The progress callback Bank.embed takes: sentence vectors computed of those missing, refs/s, ETA."""
+    with _progress_bar("computing sentence vectors", quiet=quiet, rate=True) as update:
+        yield lambda st: update(st["embedded"], st["total"])
 
 
 @contextmanager
@@ -325,6 +341,10 @@ def bank_build(
     encode: Optional[str] = typer.Option(None, "--encode", help="lazy (default): store the references now and "
                                          "encode each memory when a question first retrieves it (kept in the "
                                          "bank); all: encode every memory now (a pq bank always does)."),
+    vectors: str = typer.Option("now", "--vectors", help="now (default): compute each reference's sentence vector "
+                                "(dense search) as it is added; lazy: when a word search first finds the "
+                                "reference, or all by `m3lite bank encode` (a bank ready in seconds; dense "
+                                "search covers what has a vector; the default bank does this)."),
     shards: Optional[int] = typer.Option(None, "--shards", help="Build in N parts at once (worker processes, or "
                                          "Ray tasks with --ray), merged in order into the bank: the same bank as "
                                          "one process builds."),
@@ -337,7 +357,7 @@ def bank_build(
     (when first used, or all now with --encode all).
 
     Killed or interrupted, the bank keeps everything committed so far; run the same command again to resume."""
-    from .memory import ENCODE
+    from .memory import ENCODE, VECTORS
     from .model import Model
 
     if encode is not None and encode not in ENCODE:
@@ -346,7 +366,11 @@ def bank_build(
         raise BadArgument("a pq bank is encoded as it is built (its codebooks are trained on its first memories): "
                           "drop --encode lazy")
     encode = encode or ("all" if quant == "pq" else "lazy")
+    if vectors not in VECTORS:
+        raise BadArgument(f"--vectors must be one of {', '.join(VECTORS)}, got {vectors!r}")
     if shards is not None or ray is not None:
+        if vectors == "lazy":
+            raise BadArgument("parts are merged with their sentence vectors: drop --vectors lazy, or --shards/--ray")
         from .shards import build_sharded
 
         mdir = _model_dir(model)
@@ -361,31 +385,42 @@ def bank_build(
             typer.echo(f"{st['bank']}: merged {st['references']} references of {st['documents']} documents from "
                        f"{st['shards']} parts; the bank holds {st['count']} references")
         return
-    _progress_build(Model.load(_model_dir(model)), out, sources, quant, True, as_json, encode)
+    _progress_build(Model.load(_model_dir(model)), out, sources, quant, True, as_json, encode, vectors)
 
 
 @bank_app.command("encode")
 def bank_encode(
-    bank: Path = typer.Argument(..., help=BANK_HELP),
+    bank: Optional[Path] = typer.Argument(None, help=BANK_HELP + " Default (without --model too): the default "
+                                          "bank, built first if needed."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ) -> None:
-    """Encode now every memory a lazy bank does not have yet (else each is encoded when first retrieved).
+    """Compute now every sentence vector and encode every memory a lazy bank does not have yet (else each is
+    made when first needed): vectors first (~8 ms a reference), then memories.
 
-    Killed or interrupted, it keeps what it encoded; run it again to go on."""
+    Killed or interrupted, it keeps what it made; run it again to go on."""
     from .memory import open_bank
     from .model import Model
+    from .retrieval import bank_embedder
 
     m = Model.load(_model_dir(model))
-    b = open_bank(bank, m)
+    b = open_bank(bank if bank is not None else _default_bank(m, model, quiet=as_json), m)
+    if b.lazy_vectors:
+        with _embed_progress(quiet=as_json) as progress:
+            vs = b.embed(bank_embedder(b), progress=progress)
+    else:
+        vs = {"embedded": 0, "vectors": b.count}
     with _encode_progress(quiet=as_json) as progress, m.generation_lock():
         st = b.encode(m.engine("numba").encode_references, progress=progress)
     if as_json:
-        _echo_json(dict(st, bank=str(b.path)))
+        _echo_json(dict(st, bank=str(b.path), embedded=vs["embedded"], vectors=vs["vectors"]))
         return
+    if vs["embedded"]:
+        typer.echo(f"{b.path}: computed {vs['embedded']:,} sentence vector(s) in {vs['seconds']:.1f} s, "
+                   f"{vs['references_per_s']:.1f} refs/s")
     done = _memories_line(b.path, st["memories"], st["references"])
     if not st["encoded"]:
-        typer.echo(f"{b.path}: nothing to encode; {done}")
+        typer.echo(f"{b.path}: nothing {'more ' if vs['embedded'] else ''}to encode; {done}")
         return
     typer.echo(f"{b.path}: encoded {st['encoded']:,} memor{'y' if st['encoded'] == 1 else 'ies'} in "
                f"{st['seconds']:.1f} s, {st['references_per_s']:.1f} refs/s; {done}")
@@ -442,6 +477,9 @@ def bank_info(
                f"tokens x {s['head_dim']} dims, {d['quantization']}, {d['memory_record_bytes']:,} bytes/reference")
     typer.echo(f"memories      {d['memories']:,} of {d['references']:,} encoded"
                + (" (lazy: the others when first retrieved)" if d["lazy"] and d["memories"] < d["references"] else ""))
+    typer.echo(f"vectors       {d['vectors']:,} of {d['references']:,} computed"
+               + (" (lazy: the others when a word search first finds them; dense search covers these)"
+                  if d["lazy_vectors"] and d["vectors"] < d["references"] else ""))
     typer.echo(f"disk          {d['disk_bytes']:,} bytes, {d['bytes_per_reference']:,.0f} bytes/reference")
     if "compression_vs_fp32_kv_all_layers" in d:
         typer.echo(f"compression   x{d['compression_vs_fp32_kv_all_layers']:.1f} vs the full fp32 KV of all layers, "
@@ -531,6 +569,23 @@ def _default_bank(m, model_option: Optional[Path], quiet: bool) -> Path:
         return ensure_default_bank(m, progress=progress, warn=_warn)
 
 
+def _partial_vectors_note(bank: Path) -> None:
+    """One line on stderr while a bank with lazy vectors has only some: dense search covers those."""
+    from .bank import Bank
+
+    b = Bank.open(bank)
+    if b.lazy_vectors and b.embedded_count < b.count:
+        typer.echo(f"m3lite: bank {b.path}: {b.embedded_count:,} of {b.count:,} references have a sentence vector so far: word "
+              f"search covers all, dense search those (`m3lite bank encode{'' if _is_default(b.path) else ' ' + str(b.path)}` "
+              f"computes the rest in ~{_duration(0.01 * (b.count - b.embedded_count))})", err=True)
+
+
+def _is_default(path: Path) -> bool:
+    from .modelfile import cache_dir
+
+    return Path(path).parent == cache_dir() / "banks"
+
+
 @app.command()
 def ask(
     question: str = typer.Argument(..., help="Your question."),
@@ -573,6 +628,8 @@ def ask(
     r = m.last_result
     for note in r.notes:
         _warn(note)
+    if mode != "none" and not as_json:
+        _partial_vectors_note(bank)
     if as_json:
         _echo_json({
             "answer": r.text.strip(), "mode": mode, "retriever": retriever if mode != "none" else None,
@@ -601,11 +658,7 @@ def _chat_bank(m, model: Optional[Path], bank: Optional[Path], mode: Optional[st
     if mode is not None:
         check_mode(mode)
     if bank is None and mode != "none" and (model is None or mode is not None):
-        from .defaults import default_bank_ready
-
-        if mode is None and not default_bank_ready(m):  # a start does not wait minutes for it; chat says so
-            return None
-        return _default_bank(m, model, quiet=False)
+        return _default_bank(m, model, quiet=False)  # built in seconds the first time (lazy vectors, memories)
     return bank
 
 

@@ -53,12 +53,6 @@ def default_bank_dir(model) -> Path:
     return cache_dir() / "banks" / f"{tag}-{model.fingerprint[:16]}-v{VERSION}"
 
 
-def default_bank_ready(model) -> bool:
-    """Whether the default bank of `model` is built, or the user chose its sources ($M3LITE_DEFAULT_SOURCES:
-    then it is built when first needed, as `ask` always does)."""
-    return bool(os.environ.get("M3LITE_DEFAULT_SOURCES")) or default_bank_built(model)
-
-
 def default_bank_built(model) -> bool:
     """True when the default bank of `model` is built (its marker is written after the last reference)."""
     from .bank import Bank
@@ -78,8 +72,10 @@ def ensure_default_bank(model, progress=None, warn=print) -> Path:
         return path
     done = path.with_name(path.name + ".complete")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # lazy: a reference's memory is encoded when a question first retrieves it, so the first answer waits for
-    # the references' sentence vectors (minutes), not for every memory (~20 min on 2 cores)
-    build_or_add(model, path, default_sources(), quant=DEFAULT_QUANT, warn=warn, progress=progress, encode="lazy")
+    # lazy memories and vectors: a reference's memory is encoded when a question first retrieves it, and its
+    # sentence vector computed when a word search first finds it, so the first answer waits for the references'
+    # tokens and words (~12 s for wiki:en on 2 cores), not for every vector (~2 min) and memory (~30 min)
+    build_or_add(model, path, default_sources(), quant=DEFAULT_QUANT, warn=warn, progress=progress, encode="lazy",
+                 vectors="lazy")
     atomic_write_bytes(done, (model.fingerprint + "\n").encode())
     return path

@@ -52,24 +52,31 @@ def collect_documents(sources: Sequence[str | Document], warn: Callable[[str], N
 
 
 ENCODE = ("lazy", "all")
+VECTORS = ("now", "lazy")  # when a reference's sentence vector is computed (see build_or_add)
 LAZY_BATCH = 512  # references embedded at a time by a lazy build
 
 
 def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str = "int8", create: bool = True,
                  warn: Callable[[str], None] = print, progress: Callable[[dict, int], None] | None = None,
-                 encode: str = "all", encode_progress: Callable[[dict], None] | None = None) -> dict:
+                 encode: str = "all", encode_progress: Callable[[dict], None] | None = None,
+                 vectors: str = "now") -> dict:
     """Add the documents of `sources` (source strings or Document objects) to the bank at `bank_path`
     (created if `create`).
 
     Each reference is embedded by the sentence embedder (its vector), indexed by its words and encoded by the
     model (its memory). `encode`: "all" encodes every memory now; "lazy" creates a bank whose memories are
     encoded when retrieval first selects them (a bank that exists keeps its own way; "all" on a lazy bank
-    then encodes what it lacks). Documents already present (same content hash) are skipped, so rerunning an
+    then encodes what it lacks). `vectors`: "now" embeds each reference as it is added; "lazy" creates a bank
+    whose sentence vectors are computed when a word search first finds a reference (or by `m3lite bank
+    encode`): ready in seconds, dense search covering what has a vector. Documents already present (same
+    content hash) are skipped, so rerunning an
     interrupted build resumes it. `progress(stats, total_references)` is called as references are added,
     `encode_progress(stats)` as memories are encoded by "all" on a lazy bank.
     """
     if encode not in ENCODE:
         raise BadArgument(f"encode must be one of {', '.join(ENCODE)}, got {encode!r}")
+    if vectors not in VECTORS:
+        raise BadArgument(f"vectors must be one of {', '.join(VECTORS)}, got {vectors!r}")
     cfg = model.config
     docs = collect_documents(sources, warn)
     if not docs:
@@ -90,7 +97,7 @@ def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str
         mem_shape = (len(cfg.memory_layer_ids), cfg.n_kv_heads, cfg.memory_tokens_per_head, cfg.hd)
         bank = Bank.create(bank_path, model.fingerprint, mem_shape, quant=quant, embed_dim=embed.dim,
                            meta={"n_layers": cfg.n_layers, "model": cfg.name, "embedder": embed.fingerprint},
-                           lazy=encode == "lazy")
+                           lazy=encode == "lazy", lazy_vectors=vectors == "lazy")
     present = bank.live_hashes()
     todo = [d for d in docs if d.sha256 not in present]
     chunks = {d.sha256: chunk_document(d, tok, cfg.reference_max_tokens) for d in todo}  # cut once
@@ -106,6 +113,8 @@ def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str
     stats["skipped"] += len(docs) - len(todo)
     stats["lazy"] = bank.lazy
     stats["memories"] = bank.encoded_count
+    stats["lazy_vectors"] = bank.lazy_vectors
+    stats["vectors"] = bank.embedded_count
     stats["documents"] = len(docs)
     stats["bank"] = str(bank.path)
     return stats

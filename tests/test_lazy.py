@@ -90,10 +90,9 @@ def test_damaged_or_torn_lazy_files_are_encoded_again_never_served(tok, tmp_path
 KILL_DOCS = 120
 
 
-def kill_child(bank_path, tok_path, mode, kill_after):
-    """Run in a subprocess: encode a lazy bank's memories (`mode` "encode": Bank.encode; "use": reading them
-    as retrieval does, a few at a time) and SIGKILL itself at the `kill_after`-th fsync of the lazy files, or
-    between writing a record and its entry when `kill_after` is negative."""
+def kill_at_fsync(kill_after):
+    """In a child process: SIGKILL it at the `kill_after`-th fsync of the lazy files, or between writing a
+    record and its entry when `kill_after` is negative."""
     from m3lite.bank import lazy as lazy_mod
 
     calls = [0]
@@ -108,6 +107,19 @@ def kill_child(bank_path, tok_path, mode, kill_after):
             os.kill(os.getpid(), signal.SIGKILL)
 
     lazy_mod.os.fsync = fsync
+
+
+def killed_child(module, call):
+    """Run `module.call` (a Python expression's text) in a child process; whether it was SIGKILLed."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import {module}; {module}.{call}"
+    return subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == -signal.SIGKILL
+
+
+def kill_child(bank_path, tok_path, mode, kill_after):
+    """Run in a subprocess: encode a lazy bank's memories (`mode` "encode": Bank.encode; "use": reading them
+    as retrieval does, a few at a time), killed as `kill_at_fsync` says."""
+    kill_at_fsync(kill_after)
     b = Bank.open(bank_path)
     if mode == "encode":
         b.encode(fake_encode, batch=5)
@@ -127,14 +139,10 @@ def test_sigkill_during_lazy_persistence_leaves_a_bank_that_opens_verifies_and_f
     eager = _filled(tmp_path / "eager", tok, False, docs)
     path = tmp_path / "lazy"
     _filled(path, tok, True, docs)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rnd = random.Random(77 if mode == "encode" else 78)
     kills = 0
     for kill_after in [rnd.randint(1, 12) for _ in range(3)] + [-rnd.randint(1, 6) * 2 - 1]:
-        code = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import test_lazy; "
-                f"test_lazy.kill_child({str(path)!r}, {str(tok_path)!r}, {mode!r}, {kill_after})")
-        p = subprocess.run([sys.executable, "-c", code], env=env, timeout=120)
-        kills += p.returncode == -signal.SIGKILL
+        kills += killed_child("test_lazy", f"kill_child({str(path)!r}, {str(tok_path)!r}, {mode!r}, {kill_after})")
         b = Bank.open(path)
         assert b.verify()["ok"], kill_after
         have = np.flatnonzero(b._lazy.slot >= 0)

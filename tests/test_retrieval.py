@@ -64,6 +64,18 @@ def test_term_index_matches_bm25_by_hand():
                                            (3, pytest.approx(1 / (k + 3) + 1 / (k + 1)))]
 
 
+def test_equal_fused_scores_are_ordered_by_the_searches_own_scores():
+    from m3lite.retrieval import relevant
+
+    # 7 is first by words and second by meaning, 9 the other way round: the same fused score
+    lex, dense = [(7, 20.0), (9, 15.0)], [(9, 0.62), (7, 0.61)]
+    fused = fuse([[7, 9], [9, 7]], 4)
+    assert fused[0][1] == fused[1][1] and fused[0][0] == 7  # by lower id
+    assert [i for i, _ in relevant(fused, lex, dense)] == [7, 9]  # 7: 0.61 + 1.0 against 9: 0.62 + 0.75
+    fused = fuse([[9, 7], [7, 9]], 4)
+    assert [i for i, _ in relevant(fused, [(9, 20.0), (7, 15.0)], [(7, 0.62), (9, 0.61)])] == [9, 7]
+
+
 def test_two_word_name_beats_its_common_pieces_and_accents_fold(built):
     model, bank, _ = built
     assert titles(model, bank, "Mona Lisa", "lexical")[0] == "Mona Lisa"

@@ -19,8 +19,8 @@ from ..modelfile import atomic_write_bytes as _atomic_write, json_checksum, sign
 
 
 FORMAT = "m3lite-bank"
-VERSION = 4  # 4: memories may be encoded lazily (m3lite.bank.lazy); 3: word index, per-record checks, sentence
-READS = (3, 4)  # embeddings (read as they are); older banks are refused with "rebuild"
+VERSION = 5  # 5: sentence vectors may be computed lazily; 4: memories may be encoded lazily (m3lite.bank.lazy);
+READS = (3, 4, 5)  # 3: word index, per-record checks, sentence embeddings (read as they are); older: "rebuild"
 MANIFEST = "manifest.json"
 LOCK = "lock"
 MEM, CHECKS, REFS, TEXTS, DOCS, VECS, DELETED, TOKENS, TERMS = (
@@ -211,6 +211,9 @@ def _read_manifest(path: Path) -> dict:
         raise _corrupt(path, str(e)) from None
     if not isinstance(mem.get("lazy", False), bool) or (mem.get("lazy") and m["version"] < 4):
         raise _corrupt(path, "bad memory.lazy")
+    lazy_vectors = m.get("vectors_lazy", False)
+    if not isinstance(lazy_vectors, bool) or (lazy_vectors and m["version"] < 5):
+        raise _corrupt(path, "bad vectors_lazy")
     if mem.get("record_bytes") != rdt.itemsize:
         raise _corrupt(path, f"record_bytes {mem.get('record_bytes')!r} does not match the memory shape "
                              f"({rdt.itemsize})")
@@ -223,7 +226,7 @@ def _read_manifest(path: Path) -> dict:
     if not isinstance(files, dict) or set(files) != set(DATA_FILES):
         raise _corrupt(path, "the files section does not list the bank files")
     want = {MEM: 0 if mem.get("lazy") else count * rdt.itemsize, CHECKS: count * CHECK_DTYPE.itemsize, REFS: count * REF_DTYPE.itemsize,
-            VECS: 4 * dim * count, DELETED: 4 * ndel}
+            VECS: 0 if lazy_vectors else 4 * dim * count, DELETED: 4 * ndel}
     for name in DATA_FILES:
         f = files[name]
         if not isinstance(f, dict):

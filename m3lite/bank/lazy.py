@@ -1,15 +1,20 @@
-"""Memories encoded on first use (a lazy bank, `memory.lazy` in the manifest).
+"""Memories encoded, and sentence vectors computed, on first use (a lazy bank: `memory.lazy` and `vectors_lazy`
+in the manifest).
 
-A lazy bank stores its references (text, tokens, words, vectors, both indexes) at once and no memories in
-memories.bin. A reference's memory is encoded when retrieval first selects it (or by `Bank.encode`) and kept in
-two append-only files outside the manifest:
+A lazy bank stores its references (text, tokens, words, the word index) at once, and no memories in memories.bin
+(`memory.lazy`) or no vectors in vectors.f32 (`vectors_lazy`, then there is no HNSW index either). A reference's
+memory is encoded when retrieval first selects it (or by `Bank.encode`), its sentence vector computed when a
+word search first finds it (or by `Bank.embed`), and each is kept in two append-only files outside the manifest:
 
-    lazy.bin   memory records (the bank's record dtype), in the order they were encoded
-    lazy.idx   one 16-byte entry per record of lazy.bin, in the same order: the reference, the crc32 of the
-               record, and a crc32 over those two and the record's slot (a torn or garbled entry fails it)
+    lazy.bin, lazyvec.bin   records (the bank's memory record dtype; VECTOR_FIELD float32 vectors), in the order
+                            they were computed
+    lazy.idx, lazyvec.idx   one 16-byte entry per record, in the same order: the reference, the crc32 of the
+                            record, and a crc32 over those two and the record's slot (a torn or garbled entry
+                            fails it)
 
-They are a cache of what the model computes from the reference's tokens: a record that is missing, or fails its
-crc32, is encoded again and appended (the last good entry of a reference wins), never served.
+They are a cache of what the model and the embedder compute from the reference's tokens and text: a record that
+is missing, or fails its crc32, is computed again and appended (the last good entry of a reference wins), never
+served.
 
 Writing holds the bank's writer lock (a writer busy elsewhere means the memory is used but not kept this time):
 the tails past the last whole entry are cut, the records are appended and fsynced, then their entries are
@@ -27,7 +32,9 @@ import numpy as np
 from .format import BankBusyError, _Lock
 
 LAZY_MEM, LAZY_IDX = "lazy.bin", "lazy.idx"
-LAZY_FILES = (LAZY_MEM, LAZY_IDX)
+LAZY_VEC, LAZY_VEC_IDX = "lazyvec.bin", "lazyvec.idx"
+LAZY_FILES = (LAZY_MEM, LAZY_IDX, LAZY_VEC, LAZY_VEC_IDX)
+VECTOR_FIELD = "v"
 ENTRY = np.dtype([("ref", "<u4"), ("crc", "<u4"), ("check", "<u4"), ("pad", "<u4")])
 
 
@@ -44,15 +51,23 @@ def record_crcs(recs: np.ndarray) -> np.ndarray:
     return np.array([zlib.crc32(raw[i * n:(i + 1) * n]) for i in range(len(recs))], np.uint32)
 
 
-class LazyMemories:
-    """The encoded memories of a lazy bank: which references have one, reading them, appending new ones."""
+def vector_dtype(dim: int) -> np.dtype:
+    """The record of one lazily computed sentence vector."""
+    return np.dtype([(VECTOR_FIELD, "<f4", (dim,))])
 
-    def __init__(self, path: Path, rec_dtype: np.dtype, count: int):
+
+class LazyRecords:
+    """The records a lazy bank computed so far (memories, or sentence vectors): which references have one,
+    reading them, appending new ones. `files`: (records, entries), LAZY_MEM/LAZY_IDX or LAZY_VEC/LAZY_VEC_IDX."""
+
+    def __init__(self, path: Path, rec_dtype: np.dtype, count: int, files: tuple[str, str] = (LAZY_MEM, LAZY_IDX)):
         self.path = Path(path)
         self.rec = rec_dtype
-        self.slot = np.full(count, -1, np.int64)  # record of each reference in lazy.bin, -1: none
+        self.files = files
+        self.slot = np.full(count, -1, np.int64)  # record of each reference, -1: none
         self.crc = np.zeros(count, np.uint32)
-        self.n = 0  # entries of lazy.idx read so far
+        self.ref_of = np.zeros(0, np.int64)  # reference of each slot read so far, -1: a bad entry
+        self.n = 0  # entries read so far
         self._mem: np.ndarray | None = None
         self.refresh()
 
@@ -63,14 +78,15 @@ class LazyMemories:
             self.slot = np.concatenate([self.slot, np.full(count - old, -1, np.int64)])
             self.crc = np.concatenate([self.crc, np.zeros(count - old, np.uint32)])
             self.n = 0  # entries skipped as beyond the bank may now count
+            self.ref_of = np.zeros(0, np.int64)
             self.refresh()
 
     def refresh(self) -> None:
         """Read the entries appended since the last call (by this or another process)."""
-        fp = self.path / LAZY_IDX
+        fp = self.path / self.files[1]
         try:
             n = fp.stat().st_size // ENTRY.itemsize
-            have = (self.path / LAZY_MEM).stat().st_size // self.rec.itemsize
+            have = (self.path / self.files[0]).stat().st_size // self.rec.itemsize
         except OSError:
             return
         n = min(n, have)  # an entry whose record is not (or no longer) on disk is not used
@@ -80,6 +96,7 @@ class LazyMemories:
         slots = np.arange(self.n, self.n + len(e), dtype=np.int64)
         ok = (e["ref"] < len(self.slot)) & (e["check"] == _entry_check(e["ref"], e["crc"], slots))
         r = e["ref"][ok].astype(np.int64)
+        self.ref_of = np.concatenate([self.ref_of, np.where(ok, e["ref"].astype(np.int64), -1)])
         self.slot[r] = slots[ok]  # in order: a later entry of a reference replaces an earlier one
         self.crc[r] = e["crc"][ok]
         self.n = n
@@ -99,8 +116,7 @@ class LazyMemories:
             self.refresh()
         out = np.zeros(len(ids), self.rec)
         good = np.zeros(len(ids), bool)
-        if self.n and self._mem is None:
-            self._mem = np.memmap(self.path / LAZY_MEM, dtype=self.rec, mode="r", shape=(self.n,))
+        self._map()
         for j, i in enumerate(ids.tolist()):
             s = int(self.slot[i])
             if s < 0:
@@ -110,6 +126,24 @@ class LazyMemories:
                 out[j] = one[0]
                 good[j] = True
         return out, good
+
+    def _map(self) -> np.ndarray | None:
+        if self.n and self._mem is None:
+            self._mem = np.memmap(self.path / self.files[0], dtype=self.rec, mode="r", shape=(self.n,))
+        return self._mem
+
+    def current(self) -> tuple[np.ndarray, np.ndarray]:
+        """All records read so far (memory-mapped, unchecked) and, per slot, its reference where the slot is the
+        reference's current record, else -1 (an older or a bad entry)."""
+        self.refresh()
+        mem = self._map()
+        if mem is None:
+            return np.zeros(0, self.rec), np.zeros(0, np.int64)
+        ref = self.ref_of.copy()
+        ok = ref >= 0
+        ok[ok] = self.slot[ref[ok]] == np.flatnonzero(ok)
+        ref[~ok] = -1
+        return mem, ref
 
     def damaged(self) -> np.ndarray:
         """References whose record in lazy.bin fails its crc32 (they count as not encoded)."""
@@ -140,7 +174,7 @@ class LazyMemories:
         return True
 
     def _append_locked(self, ids: np.ndarray, recs: np.ndarray) -> None:
-        mem_p, idx_p = self.path / LAZY_MEM, self.path / LAZY_IDX
+        mem_p, idx_p = self.path / self.files[0], self.path / self.files[1]
         with open(mem_p, "ab+") as fm, open(idx_p, "ab+") as fi:
             n = min(os.fstat(fi.fileno()).st_size // ENTRY.itemsize,
                     os.fstat(fm.fileno()).st_size // self.rec.itemsize)
@@ -159,7 +193,7 @@ class LazyMemories:
 
 
 def remove_lazy_files(path: Path) -> None:
-    """Drop the encoded memories of a bank that is being created in a folder (a stale cache)."""
+    """Drop the lazy records of a bank that is being created in a folder (a stale cache)."""
     for name in LAZY_FILES:
         try:
             os.unlink(Path(path) / name)

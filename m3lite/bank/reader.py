@@ -11,6 +11,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,8 @@ from .format import (BankError, CHECKS, CHECK_DTYPE, DATA_FILES, DELETED, DOCS, 
                      HASHED, HNSW_EF_SEARCH, LOCK, MANIFEST, MEM, MemShape, REFS, REF_DTYPE, TERMS, TEXTS, TOKENS,
                      VECS, VERSION, _ARRAY_NAME, _INDEX_NAME, _Lock, _TMP_NAME, _hash_prefix, _map,
                      _read_manifest, _write_manifest, foreign_bank, record_dtype)
-from .index import HnswIndex, _build_lexical, _file_ok, _normalize
-from .lazy import LAZY_FILES, LazyMemories, remove_lazy_files
+from .index import HnswIndex, _build_lexical, _file_ok, _normalize, index_text
+from .lazy import LAZY_FILES, LAZY_VEC, LAZY_VEC_IDX, VECTOR_FIELD, LazyRecords, remove_lazy_files, vector_dtype
 from .writer import _Writer, checked_encoding, memory_records
 
 
@@ -42,11 +43,15 @@ class Bank:
 
     @classmethod
     def create(cls, path: str | os.PathLike, fingerprint: str, mem_shape: Any, quant: str = "int8",
-               embed_dim: int = 0, meta: dict | None = None, exist_ok: bool = False, lazy: bool = False) -> "Bank":
+               embed_dim: int = 0, meta: dict | None = None, exist_ok: bool = False, lazy: bool = False,
+               lazy_vectors: bool = False) -> "Bank":
         """Create an empty bank folder for a model (`fingerprint`) and memory shape
         (n_memory_layers, n_kv_heads, tokens_per_head, head_dim). With `exist_ok`, an existing bank of the
         same model, shape, quantization and embedding size is opened instead. `lazy`: memories are encoded when
-        first used, or by `encode` (m3lite.bank.lazy), instead of as references are added."""
+        first used, or by `encode` (m3lite.bank.lazy), instead of as references are added. `lazy_vectors`:
+        sentence vectors are computed when a word search first finds a reference, or by `embed`, instead of as
+        references are added (a bank ready in the time its words take; dense search then covers the references
+        that have a vector, by brute force)."""
         p = Path(path)
         shape = MemShape.of(mem_shape)
         rdt = record_dtype(shape, quant)
@@ -66,11 +71,12 @@ class Bank:
             if not exist_ok:
                 raise BankError(f"a bank already exists at {p}; open it or choose another folder")
             b = cls.open(p, fingerprint=fingerprint)
-            if b.shape != shape or b.quant != quant or b.embed_dim != embed_dim or b.lazy != lazy:
+            if (b.shape != shape or b.quant != quant or b.embed_dim != embed_dim or b.lazy != lazy
+                    or b.lazy_vectors != lazy_vectors):
                 raise BankError(f"the bank at {p} has memory shape {tuple(b.shape.as_dict().values())}, "
                                 f"{b.quant}, embedding size {b.embed_dim}, {'lazy' if b.lazy else 'encoded'} "
-                                f"memories; not the requested ones: use another "
-                                f"folder")
+                                f"memories, {'lazy' if b.lazy_vectors else 'stored'} vectors; not the requested "
+                                f"ones: use another folder")
             return b
         if p.exists() and not p.is_dir():
             raise BankError(f"{p} exists and is not a folder; choose another path for the bank")
@@ -85,7 +91,7 @@ class Bank:
         try:
             if (p / MANIFEST).exists():  # another process created it while we were checking
                 lock.release()
-                return cls.create(p, fingerprint, shape, quant, embed_dim, meta, exist_ok)
+                return cls.create(p, fingerprint, shape, quant, embed_dim, meta, exist_ok, lazy, lazy_vectors)
             empty = hashlib.sha256(b"").hexdigest()
             remove_lazy_files(p)  # memories of an earlier bank in this folder
             for name in DATA_FILES:
@@ -96,7 +102,7 @@ class Bank:
                 "format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
                 "memory": dict(shape.as_dict(), quant=quant, record_bytes=rdt.itemsize, position_dtype="int16",
                                lazy=bool(lazy)),
-                "embed_dim": embed_dim, "count": 0, "documents": 0, "deleted_documents": 0, "generation": 0,
+                "embed_dim": embed_dim, "vectors_lazy": bool(lazy_vectors), "count": 0, "documents": 0, "deleted_documents": 0, "generation": 0,
                 "files": {n: ({"length": 0, "sha256": empty} if n in HASHED else {"length": 0}) for n in DATA_FILES},
                 "index": None, "lexical": None, "arrays": {}, "meta": meta, "stats": {}, "created": now, "updated": now,
             }
@@ -146,6 +152,7 @@ class Bank:
         self.lazy: bool = bool(mem.get("lazy", False))
         self.rec_dtype = record_dtype(self.shape, self.quant)
         self.embed_dim: int = m["embed_dim"]
+        self.lazy_vectors: bool = bool(m.get("vectors_lazy", False))
         self.count: int = m["count"]
         self.generation: int = m["generation"]
         files = m["files"]
@@ -171,13 +178,14 @@ class Bank:
         n = self.count
         self._mem = _map(p / MEM, self.rec_dtype, 0 if self.lazy else n)
         self._refs = _map(p / REFS, REF_DTYPE, n)
-        self._vecs = _map(p / VECS, "<f4", n, (self.embed_dim,))
+        self._vecs = None if self.lazy_vectors else _map(p / VECS, "<f4", n, (self.embed_dim,))
         self._texts = _map(p / TEXTS, np.uint8, files[TEXTS]["length"])
         self._tokens = _map(p / TOKENS, "<u4", files[TOKENS]["length"] // 4)
         self._terms = _map(p / TERMS, "<u8", files[TERMS]["length"] // 8)
         self._checks = _map(p / CHECKS, CHECK_DTYPE, n)
         self._lexical: TermIndex | None = None  # BM25 over the references' words, loaded on the first text search
         self._vectors_checked = 0  # vectors [0, this) passed their crc32 (brute-force search reads them all)
+        self._vec_ok = None  # lazy vectors: whether each record read so far passed its crc32
         if len(deleted) and (int(deleted.max()) >= m["documents"] or len(np.unique(deleted)) != len(deleted)):
             raise BankError(f"bank file {p / DELETED} names unknown documents; the bank is damaged: rebuild it")
         self._deleted_docs = deleted.astype(np.int64)
@@ -192,9 +200,15 @@ class Bank:
         if not self.lazy:
             self._lazy = None
         elif getattr(self, "_lazy", None) is None or self._lazy.rec != self.rec_dtype:
-            self._lazy = LazyMemories(p, self.rec_dtype, n)
+            self._lazy = LazyRecords(p, self.rec_dtype, n)
         else:
             self._lazy.grow(n)
+        if not self.lazy_vectors:
+            self._lazyvec = None
+        elif getattr(self, "_lazyvec", None) is None:
+            self._lazyvec = LazyRecords(p, vector_dtype(self.embed_dim), n, (LAZY_VEC, LAZY_VEC_IDX))
+        else:
+            self._lazyvec.grow(n)
 
     @property
     def docs(self) -> list[dict]:
@@ -278,18 +292,8 @@ class Bank:
         encoded yet are encoded with `encode_fn` (as for `add`) and kept; without it they are a BankError."""
         a = self._check_ids(ids)
         if self.lazy:
-            rec, good = self._lazy.read(a)
-            if not good.all():
-                need = np.flatnonzero(~good)
-                if encode_fn is None:
-                    raise BankError(f"bank {self.path}: reference {int(a[need[0]])} has no memory yet; memories of "
-                                    f"this bank are encoded when first used by a model, or by `m3lite bank encode "
-                                    f"{self.path}`")
-                todo = np.unique(a[need])
-                new = self._encode_records(todo, encode_fn)
-                self._lazy.append(todo, new)  # kept when the writer lock is free; used either way
-                for j in need.tolist():
-                    rec[j] = new[int(np.searchsorted(todo, a[j]))]
+            rec = self._lazy_records(self._lazy, a, encode_fn and (lambda todo: self._encode_records(todo, encode_fn)),
+                                     "memory", "encoded when first used by a model")
         else:
             rec = self._mem[a] if a.size else np.zeros(0, self.rec_dtype)
             for i in a.tolist():  # on the mapped bytes: a copy of a padded record need not copy its padding
@@ -324,13 +328,62 @@ class Bank:
                 "char_start": int(r["char_start"]), "char_end": int(r["char_end"]),
                 "n_tokens": int(r["n_tokens"]), "deleted": bool(self._dead[i])}
 
-    def vectors(self, ids: Any) -> np.ndarray:
-        """Stored unit embedding vectors of references (each checked against its crc32)."""
+    def vectors(self, ids: Any, embed_fn: Callable | None = None) -> np.ndarray:
+        """Unit embedding vectors of references (each checked against its crc32). A bank with lazy vectors
+        computes those it does not have yet with `embed_fn` (the bank's embedder: texts -> [n, embed_dim]) and
+        keeps them (when the writer lock is free; used either way); without `embed_fn` they are an error."""
         a = self._check_ids(ids)
-        v = np.asarray(self._vecs[a], np.float32)
-        for j, i in enumerate(a.tolist()):
-            self._check(i, "vector", v[j])
-        return v
+        if not self.lazy_vectors:
+            v = np.asarray(self._vecs[a], np.float32)
+            for j, i in enumerate(a.tolist()):
+                self._check(i, "vector", v[j])
+            return v
+        rec = self._lazy_records(self._lazyvec, a, embed_fn and (lambda todo: self._embed_records(todo, embed_fn)),
+                                 "sentence vector", "computed when a word search first finds them")
+        return np.array(rec[VECTOR_FIELD], np.float32)
+
+    def _lazy_records(self, store: LazyRecords, a: np.ndarray, compute: Callable | None, what: str,
+                      when: str) -> np.ndarray:
+        """Records of references `a` from a lazy store; those missing (or failing their crc32) computed by
+        `compute(sorted unique ids)`, each once, and kept; without `compute` they are a BankError."""
+        rec, good = store.read(a)
+        if not good.all():
+            need = np.flatnonzero(~good)
+            if compute is None:
+                raise BankError(f"bank {self.path}: reference {int(a[need[0]])} has no {what} yet; those of this "
+                                f"bank are {when}, or by `m3lite bank encode {self.path}`")
+            todo = np.unique(a[need])
+            new = compute(todo)
+            store.append(todo, new)  # kept when the writer lock is free; used either way
+            rec[need] = new[np.searchsorted(todo, a[need])]
+        return rec
+
+    def _embed_records(self, ids: np.ndarray, embed_fn: Callable) -> np.ndarray:
+        """Vector records of references `ids`, computed from their stored title and text as a build does."""
+        texts = []
+        for i in ids.tolist():
+            r = self.reference(i)
+            texts.append(index_text(SimpleNamespace(title=r["title"], text=r["text"])))
+        vecs = np.asarray(embed_fn(texts), np.float32)
+        if vecs.shape != (len(ids), self.embed_dim) or not np.all(np.isfinite(vecs)):
+            raise BankError(f"the embedder returned {vecs.shape} vectors for {len(ids)} references of bank "
+                            f"{self.path} ({self.embed_dim} values each): it is another embedder")
+        out = np.zeros(len(ids), vector_dtype(self.embed_dim))
+        out[VECTOR_FIELD] = _normalize(vecs)
+        return out
+
+    @property
+    def embedded_count(self) -> int:
+        """References with a sentence vector: all of them, unless the bank's vectors are lazy."""
+        return self._lazyvec.encoded if self.lazy_vectors else self.count
+
+    def embed(self, embed_fn: Callable, batch: int = 256, progress: Callable[[dict], None] | None = None
+              ) -> dict[str, Any]:
+        """Compute the sentence vectors a bank with lazy vectors does not have yet (live references, in order),
+        holding the writer lock; killed, it keeps every batch written, and a rerun goes on. `progress(stats)`
+        after each batch. Returns the stats (embedded, total, vectors, seconds, references_per_s)."""
+        return self._fill(self._lazyvec if self.lazy_vectors else None, "vectors",
+                          lambda ids: self._embed_records(ids, embed_fn), batch, progress)
 
     def tokens(self, i: int) -> np.ndarray:
         """A reference's token ids (<ref> first), checked against its crc32."""
@@ -359,32 +412,40 @@ class Bank:
         lock; killed, it keeps every batch written, and a rerun goes on. `progress(stats)` after each batch.
         Returns the stats (encoded, total, seconds, references_per_s); a bank encoded as it was built has nothing
         to encode."""
+        return self._fill(self._lazy if self.lazy else None, "memories",
+                          lambda ids: self._encode_records(ids, encode_fn), batch, progress)
+
+    def _fill(self, store: LazyRecords | None, what: str, compute: Callable, batch: int,
+              progress: Callable[[dict], None] | None) -> dict[str, Any]:
+        """Compute and keep the records `store` lacks (encode, embed); the stats name them `what`."""
         if not isinstance(batch, int) or batch <= 0:
             raise BadArgument(f"batch must be a positive integer, got {batch!r}")
+        done = "encoded" if what == "memories" else "embedded"
         t0 = time.monotonic()
-        if not self.lazy:  # encoded as it was built: every reference has its memory
-            return {"encoded": 0, "total": 0, "memories": self.count, "references": self.live_count,
+        if store is None:  # computed as the bank was built: every reference has its record
+            return {done: 0, "total": 0, what: self.count, "references": self.live_count,
                     "seconds": 0.0, "references_per_s": 0.0}
         lock = _Lock(self.path)
         try:
             self.refresh()
-            self._lazy.refresh()
-            need = self._lazy.slot < 0
-            need[self._lazy.damaged()] = True
+            store = self._lazy if what == "memories" else self._lazyvec  # refresh may have replaced it
+            store.refresh()
+            need = store.slot < 0
+            need[store.damaged()] = True
             todo = np.flatnonzero(~self._dead & need)
-            st = {"encoded": 0, "total": len(todo), "memories": self._lazy.encoded, "references": self.live_count}
+            st = {done: 0, "total": len(todo), what: store.encoded, "references": self.live_count}
             for s0 in range(0, len(todo), batch):
                 ids = todo[s0:s0 + batch]
-                self._lazy.append(ids, self._encode_records(ids, encode_fn), locked=True)
-                st["encoded"] += len(ids)
-                st["memories"] = self._lazy.encoded
+                store.append(ids, compute(ids), locked=True)
+                st[done] += len(ids)
+                st[what] = store.encoded
                 if progress is not None:
                     progress(dict(st, seconds=time.monotonic() - t0))
         finally:
             lock.release()
         dt = time.monotonic() - t0
         st["seconds"] = round(dt, 3)
-        st["references_per_s"] = round(st["encoded"] / dt, 1) if dt > 0 else 0.0
+        st["references_per_s"] = round(st[done] / dt, 1) if dt > 0 else 0.0
         return st
 
     def _checked_vectors(self, hi: int) -> None:
@@ -437,7 +498,30 @@ class Bank:
             w.store_array(name, a)
             w.commit(final=True, stats={}, save_index=False)
 
+    def _exact_lazy(self, v: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the vectors a bank with lazy vectors has so far (each record checked against its
+        crc32 the first time it is read; one that fails counts as missing)."""
+        mem, ref = self._lazyvec.current()
+        if self._vec_ok is None or len(self._vec_ok) > len(ref):
+            self._vec_ok = np.zeros(0, bool)
+        for s in range(len(self._vec_ok), len(ref), 1 << 14):  # records new since the last search
+            e = min(len(ref), s + (1 << 14))
+            rows = np.ascontiguousarray(mem[s:e])
+            raw, n = rows.tobytes(), rows.dtype.itemsize
+            ok = np.array([zlib.crc32(raw[j * n:(j + 1) * n]) == int(self._lazyvec.crc[r]) if r >= 0 else False
+                           for j, r in enumerate(ref[s:e].tolist())], bool)
+            self._vec_ok = np.concatenate([self._vec_ok, ok])
+        use = (ref >= 0) & self._vec_ok[:len(ref)]
+        use[use] = ~self._dead[ref[use]]
+        slots = np.flatnonzero(use)
+        if not len(slots):
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        sc = np.asarray(mem[VECTOR_FIELD][slots]) @ v
+        return top_k(ref[slots], sc.astype(np.float32), k)
+
     def _exact(self, v: np.ndarray, k: int, lo: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        if self.lazy_vectors:
+            return self._exact_lazy(v, k)
         self._checked_vectors(self.count)
         ids_all: list[np.ndarray] = []
         sc_all: list[np.ndarray] = []
@@ -492,8 +576,9 @@ class Bank:
                ef: int = HNSW_EF_SEARCH) -> tuple[np.ndarray, np.ndarray]:
         """The k live references most similar (cosine) to `vector`: ids int64 and scores float32, best first.
 
-        Brute force when `exact` or when the bank has fewer than EXACT_BELOW live references (or no index);
-        otherwise HNSW over the indexed references plus brute force over the references added since."""
+        Brute force when `exact` or when the bank has fewer than EXACT_BELOW live references (or no index: a
+        bank with lazy vectors, then over the references that have one); otherwise HNSW over the indexed
+        references plus brute force over the references added since."""
         v = np.asarray(vector, np.float32).reshape(-1)
         if v.shape[0] != self.embed_dim:
             raise BadArgument(f"query vector has {v.shape[0]} values; this bank's embeddings have {self.embed_dim}")
@@ -583,6 +668,8 @@ class Bank:
             "lazy": self.lazy,
             "memories": self.encoded_count,  # references with a memory (a lazy bank encodes on first use)
             "memory_bytes": self.encoded_count * rec,
+            "lazy_vectors": self.lazy_vectors,
+            "vectors": self.embedded_count,  # references with a sentence vector (lazy vectors: on first use)
             "disk_bytes": disk,
             "bytes_per_reference": disk / n if n else 0.0,
             "fp32_kv_bytes_memory_layers": tokens * s.n_memory_layers * kv_tok,
@@ -629,7 +716,8 @@ class Bank:
                     parts = ((() if self.lazy else (("memory", self._mem[i:i + 1]),))
                              + (("text", self._texts[off[i]:off[i] + ln[i]]),
                                 ("tokens", self._tokens[tok_off[i]:tok_off[i] + ntok[i]]),
-                                ("terms", self._terms[toff[i]:toff[i] + tn[i]]), ("vector", self._vecs[i])))
+                                ("terms", self._terms[toff[i]:toff[i] + tn[i]]))
+                             + (() if self.lazy_vectors else (("vector", self._vecs[i]),)))
                     for what, data in parts:
                         if zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B")) != int(self._checks[what][i]):
                             damaged.append({"reference": i, "document": self.docs[int(docs_of[i])]["id"],
@@ -647,11 +735,12 @@ class Bank:
                 at = np.arange(n)
                 if n and (np.any(first[docs_of] > at) or np.any(end[docs_of] <= at)):
                     problems.append("references are not grouped by document")
-        if self.lazy:
-            bad = self._lazy.damaged()
+        for store, what, verb in ((self._lazy, "encoded memories", "encoded"),
+                                  (self._lazyvec, "sentence vectors", "computed")):
+            bad = store.damaged() if store is not None else ()
             if len(bad):
-                problems.append(f"{len(bad)} encoded memories fail their checksum (first: reference {int(bad[0])}); "
-                                f"they are encoded again when next used, or now by `m3lite bank encode {p}`")
+                problems.append(f"{len(bad)} {what} fail their checksum (first: reference {int(bad[0])}); they "
+                                f"are {verb} again when next used, or now by `m3lite bank encode {p}`")
         for name in self.array_names():
             try:
                 self.get_array(name)
@@ -771,6 +860,11 @@ class Bank:
         if self.quant == "pq":
             raise BankError(f"bank {self.path} is a pq bank: its memories are codes into its own codebooks, so other "
                             f"banks cannot be merged into it")
+        sources = list(sources)
+        for b in [self, *sources]:
+            if b.lazy_vectors:
+                raise BankError(f"bank {b.path} computes its sentence vectors lazily; banks are merged with their "
+                                f"vectors: build the parts without --vectors lazy")
         mine = (self.fingerprint, self.shape, self.quant, self.lazy, self.embed_dim,
                 self.manifest.get("meta", {}).get("embedder"))
         with self._writer() as w:
@@ -818,9 +912,10 @@ class Bank:
         return {"documents": len(hits), "references": n_refs}
 
     def rebuild_index(self) -> int:
-        """Build both indexes again, HNSW from the stored vectors and BM25 from the stored terms (after damage
-        to or loss of an index file); returns the references indexed."""
+        """Build both indexes again, HNSW from the stored vectors (a bank with lazy vectors has none) and BM25
+        from the stored terms (after damage to or loss of an index file); returns the references indexed."""
         with self._writer() as w:
-            w.build_index(fresh=True)  # from the vectors alone: the old file may be what is damaged
+            if not self.lazy_vectors:
+                w.build_index(fresh=True)  # from the vectors alone: the old file may be what is damaged
             w.commit(final=True, stats={}, save_index=True, force_lexical=True)
         return self.count

@@ -196,13 +196,16 @@ class _Writer:
         for s0 in range(0, len(refs), batch):
             sub = refs[s0:s0 + batch]
             B = len(sub)
-            vecs = np.asarray(embed_fn([index_text(r) for di, r in sub]), np.float32)
-            if vecs.shape != (B, b.embed_dim):
-                raise BankError(f"embed_fn returned shape {vecs.shape}, this bank stores ({B}, {b.embed_dim}) "
-                                f"vectors: the bank was made with another embedder")
-            if not np.all(np.isfinite(vecs)):
-                raise BankError("embed_fn returned non-finite values")
-            vecs = _normalize(vecs)
+            if b.lazy_vectors:  # computed when a search first finds the reference (m3lite.bank.lazy)
+                vecs = np.zeros((0, b.embed_dim), np.float32)
+            else:
+                vecs = np.asarray(embed_fn([index_text(r) for di, r in sub]), np.float32)
+                if vecs.shape != (B, b.embed_dim):
+                    raise BankError(f"embed_fn returned shape {vecs.shape}, this bank stores ({B}, {b.embed_dim}) "
+                                    f"vectors: the bank was made with another embedder")
+                if not np.all(np.isfinite(vecs)):
+                    raise BankError("embed_fn returned non-finite values")
+                vecs = _normalize(vecs)
             if b.lazy:  # memories are encoded on first use (m3lite.bank.lazy)
                 raw, mem_crc = b"", np.zeros(B, np.uint32)
             else:
@@ -223,7 +226,7 @@ class _Writer:
             ck["tokens"] = [zlib.crc32(t.tobytes()) for t in toks]
             ck["terms"] = [zlib.crc32(t.tobytes()) for t in terms]
             vs_ = 4 * b.embed_dim
-            ck["vector"] = [zlib.crc32(vbytes[i * vs_:(i + 1) * vs_]) for i in range(B)]
+            ck["vector"] = [zlib.crc32(vbytes[i * vs_:(i + 1) * vs_]) for i in range(len(vecs))] or 0
             n_terms = np.array([len(t) for t in terms], np.int64)
             rr["doc"] = [first_doc + di for di, _ in sub]
             rr["char_start"] = [r.char_start for _, r in sub]
@@ -353,7 +356,7 @@ class _Writer:
             tail = self.count - saved["count"]
             stale = tail > 0 or len(self.deleted) > saved["deleted"]
             save_index = stale and (final or tail >= max(INDEX_SAVE_MIN_TAIL, saved["count"] // 8))
-        if save_index:
+        if save_index and not b.lazy_vectors:  # lazy vectors: no HNSW index, brute force (m3lite.bank.lazy)
             new_file = f"index.{m['generation']}.hnsw"
             saved_as = self.build_index().save(p / new_file)
             m["index"] = {"file": new_file, "count": self.count, "deleted": len(self.deleted),
