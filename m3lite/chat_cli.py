@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 from .chat import Chat
@@ -72,6 +73,7 @@ class Session:
         self.chat = chat
         self.term = term or Terminal()
         self.sources = True
+        self.filler = None  # m3lite.background.VectorFiller: the bank's missing sentence vectors, while idle
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -87,9 +89,12 @@ class Session:
                 except OSError:
                     pass
         self.banner()
+        self.fill_vectors()
         try:
             self.loop()
         finally:
+            if self.filler is not None:
+                self.filler.stop(timeout=2.0)
             if hist is not None:
                 import readline
 
@@ -113,11 +118,12 @@ class Session:
             if not line:
                 continue
             try:
-                if line.startswith("/"):
-                    if self.command(line) == "quit":
-                        return
-                else:
-                    self.answer(line)
+                with self.filler.busy() if self.filler is not None else nullcontext():
+                    if line.startswith("/"):
+                        if self.command(line) == "quit":
+                            return
+                    else:
+                        self.answer(line)
             except M3Error as e:
                 self.term.error(str(e))
             except KeyboardInterrupt:  # a second Ctrl-C while an answer was stopping
@@ -226,6 +232,25 @@ class Session:
         if not had:
             chat.set_mode("memory")
         self.term.line(f"bank {chat.bank.path} ({chat.bank.live_count:,} references), mode {chat.mode}")
+        self.fill_vectors()
+
+    def fill_vectors(self) -> None:
+        """A bank with lazy vectors gets the ones it lacks in the background while the prompt waits (the
+        thread of another bank stops first); said in one line."""
+        from .background import VectorFiller
+        from .retrieval import bank_embedder
+
+        old, self.filler = self.filler, None
+        if old is not None:
+            old.cancel()  # the caller holds its gate: it stops at its next turn
+        bank = self.chat.bank
+        n = VectorFiller.missing(bank) if bank is not None else 0
+        if n:
+            self.filler = VectorFiller(bank.path, bank_embedder(bank))
+            self.filler.start()
+            self.term.note(f"{n:,} references of this bank have no sentence vector yet; they are computed while "
+                           f"the prompt waits (~{max(1, round(n / 6000))} min in all), and dense search covers "
+                           f"each once it has one")
 
     def load(self, arg: str) -> None:
         new = Chat.load(arg, model=self.chat.model, bank=self.chat.bank)

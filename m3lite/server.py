@@ -48,10 +48,13 @@ class APIError(Exception):
 
 
 class TicketQueue:
-    """One request at a time, first come first served; at most `limit` waiting."""
+    """One request at a time, first come first served; at most `limit` waiting. `during()`: a context manager
+    held while a request is served (the background work of m3lite.background waits then)."""
 
-    def __init__(self, limit: int = MAX_WAITING):
+    def __init__(self, limit: int = MAX_WAITING, during=None):
         self.limit = limit
+        self.during = during
+        self._held = None
         self._cv = threading.Condition()
         self._next = 0  # the ticket the next arrival gets
         self._serving = 0  # the ticket being served
@@ -70,9 +73,15 @@ class TicketQueue:
             self._next += 1
             while self._serving != ticket:
                 self._cv.wait()
+        if self.during is not None:
+            self._held = self.during()
+            self._held.__enter__()
         return self
 
     def __exit__(self, *exc):
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(None, None, None)
         with self._cv:
             self._serving += 1
             self._cv.notify_all()
@@ -189,7 +198,13 @@ class App:
         self.mode = self.chat.mode
         self.model_id = model_id or Path(model.files.path).name
         self.created = int(time.time())
-        self.queue = TicketQueue()
+        self.filler = None  # the bank's missing sentence vectors, computed between requests (`serve` starts it)
+        if self.bank is not None:
+            from .background import VectorFiller
+
+            if VectorFiller.missing(self.bank):
+                self.filler = VectorFiller(self.bank.path, bank_embedder(self.bank))
+        self.queue = TicketQueue(during=self.filler.busy if self.filler is not None else None)
 
     def model_card(self) -> dict:
         b = self.bank
@@ -578,9 +593,15 @@ def serve(model, bank=None, host: str = "127.0.0.1", port: int = 8000, mode: str
     log(f"m3lite serve: http://{h}:{p}/v1 (model {app.model_id}, {where}); Ctrl-C stops")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    if app.filler is not None:
+        log(f"m3lite serve: {app.filler.missing(app.bank):,} references have no sentence vector yet; they are "
+            f"computed between requests, and dense search covers each once it has one")
+        app.filler.start()
     try:
         srv.serve_forever()
     except KeyboardInterrupt:
         log("m3lite serve: stopped")
     finally:
+        if app.filler is not None:
+            app.filler.stop(timeout=2.0)
         srv.server_close()

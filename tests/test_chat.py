@@ -113,6 +113,27 @@ def test_default_model_and_bank(chat_model, notes_dir, tmp_path):
     _quit(p)
 
 
+def test_a_bank_with_lazy_vectors_gets_them_while_the_prompt_waits(chat_model, notes_dir, tmp_path):
+    import time
+
+    from clitools import run
+    from m3lite.bank import Bank
+
+    model, _ = chat_model
+    bank = tmp_path / "lazyvec"
+    run("bank", "build", notes_dir, "--out", bank, "--model", model, "--vectors", "lazy")
+    assert Bank.open(bank).embedded_count == 0
+    p = spawn_chat("--model", model, "--bank", bank, cache=tmp_path)
+    assert "no sentence vector yet" in p.before  # said in one line
+    deadline = time.monotonic() + 120
+    while Bank.open(bank).embedded_count < Bank.open(bank).count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    b = Bank.open(bank)
+    assert b.embedded_count == b.count and b.verify()["ok"]
+    assert "Sources:" in ask(p, Q1)
+    _quit(p)
+
+
 def test_startup_errors_are_one_line(chat_model, tmp_path):
     from clitools import one_line_error, run
 

@@ -310,3 +310,34 @@ def test_startup_errors_are_one_line(server, chat_model, tmp_path):
     assert "choose another --port" in one_line_error(run("serve", "--model", model, "--port", port, check=False))
     one_line_error(run("serve", "--model", tmp_path / "missing", check=False))
     one_line_error(run("serve", "--model", model, "--mode", "memory", check=False))  # memory needs a bank
+
+
+def test_a_bank_with_lazy_vectors_gets_them_between_requests(chat_model, notes_dir, tmp_path):
+    from clitools import run
+    from m3lite.bank import Bank
+
+    model, _ = chat_model
+    bank = tmp_path / "lazyvec"
+    run("bank", "build", notes_dir, "--out", bank, "--model", model, "--vectors", "lazy")
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "m3lite", "serve", "--model", str(model), "--bank", str(bank),
+                              "--port", "0"], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 300
+        while not (m := re.search(r"http://127\.0\.0\.1:(\d+)/v1", log.read_text())):
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert "no sentence vector yet" in log.read_text()
+        url = f"http://127.0.0.1:{m.group(1)}"
+        out = post(url, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 4})  # served meanwhile
+        assert out["choices"][0]["message"]["content"] is not None
+        while Bank.open(bank).embedded_count < Bank.open(bank).count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        b = Bank.open(bank)
+        assert b.embedded_count == b.count and b.verify()["ok"]
+        alive(url)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0, log.read_text()
+    assert "Traceback" not in log.read_text()

@@ -377,13 +377,15 @@ class Bank:
         """References with a sentence vector: all of them, unless the bank's vectors are lazy."""
         return self._lazyvec.encoded if self.lazy_vectors else self.count
 
-    def embed(self, embed_fn: Callable, batch: int = 256, progress: Callable[[dict], None] | None = None
-              ) -> dict[str, Any]:
+    def embed(self, embed_fn: Callable, batch: int = 256, progress: Callable[[dict], None] | None = None,
+              limit: int | None = None) -> dict[str, Any]:
         """Compute the sentence vectors a bank with lazy vectors does not have yet (live references, in order),
         holding the writer lock; killed, it keeps every batch written, and a rerun goes on. `progress(stats)`
-        after each batch. Returns the stats (embedded, total, vectors, seconds, references_per_s)."""
+        after each batch. `limit`: at most this many, without looking for damaged records first (a background
+        fill, a batch at a time: m3lite.background). Returns the stats (embedded, total, vectors, seconds,
+        references_per_s); BankBusyError when another process is writing the bank."""
         return self._fill(self._lazyvec if self.lazy_vectors else None, "vectors",
-                          lambda ids: self._embed_records(ids, embed_fn), batch, progress)
+                          lambda ids: self._embed_records(ids, embed_fn), batch, progress, limit)
 
     def tokens(self, i: int) -> np.ndarray:
         """A reference's token ids (<ref> first), checked against its crc32."""
@@ -416,7 +418,7 @@ class Bank:
                           lambda ids: self._encode_records(ids, encode_fn), batch, progress)
 
     def _fill(self, store: LazyRecords | None, what: str, compute: Callable, batch: int,
-              progress: Callable[[dict], None] | None) -> dict[str, Any]:
+              progress: Callable[[dict], None] | None, limit: int | None = None) -> dict[str, Any]:
         """Compute and keep the records `store` lacks (encode, embed); the stats name them `what`."""
         if not isinstance(batch, int) or batch <= 0:
             raise BadArgument(f"batch must be a positive integer, got {batch!r}")
@@ -431,8 +433,9 @@ class Bank:
             store = self._lazy if what == "memories" else self._lazyvec  # refresh may have replaced it
             store.refresh()
             need = store.slot < 0
-            need[store.damaged()] = True
-            todo = np.flatnonzero(~self._dead & need)
+            if limit is None:
+                need[store.damaged()] = True
+            todo = np.flatnonzero(~self._dead & need)[:limit]
             st = {done: 0, "total": len(todo), what: store.encoded, "references": self.live_count}
             for s0 in range(0, len(todo), batch):
                 ids = todo[s0:s0 + batch]
