@@ -75,7 +75,7 @@ class Chat:
     def __init__(self, model, bank=None, mode: str | None = None, *, system: str = "",
                  max_new_tokens: int = ANSWER.max_new_tokens, temperature: float = ANSWER.temperature, top_k: int = ANSWER.top_k, top_p: float = ANSWER.top_p,
                  repetition_penalty: float = ANSWER.repetition_penalty,
-                 seed: int | None = None, retriever: str = "hybrid"):
+                 seed: int | None = None, retriever: str = "hybrid", loop_guard: int = ANSWER.loop_guard):
         from .retrieval import check_retriever
 
         self.model = model
@@ -83,6 +83,7 @@ class Chat:
         self.system = system
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.top_p, self.repetition_penalty, self.seed = top_p, repetition_penalty, seed
+        self.loop_guard = loop_guard  # an answer repeating one short cycle this long stops (m3lite.generate)
         self._sampling()  # refuse bad settings now
         self.bank = None
         self._cache = self._search = None
@@ -125,7 +126,7 @@ class Chat:
         for k in ("max_new_tokens", "top_k"):
             if isinstance(d[k], bool) or not isinstance(d[k], (int, np.integer)):
                 raise BadArgument(f"{k} must be an integer")
-        p = SamplingParams(stop=stop, **d)
+        p = SamplingParams(stop=stop, loop_guard=self.loop_guard, **d)
         p.validate()
         return p
 

@@ -216,6 +216,8 @@ def pull(
 
 
 BANK_HELP = "Bank directory (made by `m3lite bank build`)."
+LOOP_HELP = ("Stop an answer whose last N tokens repeat one short cycle (a small model's loop, e.g. "
+             "'1.1.1.1...'), with a note; 0 never stops it.")
 RETRIEVER_HELP = ("How references are found: hybrid (default; BM25 over words fused with sentence-embedding "
                   "search), lexical (BM25 alone) or dense (embeddings alone).")
 bank_app = typer.Typer(help="Build, grow, inspect and search memory banks.", no_args_is_help=True,
@@ -600,6 +602,7 @@ def ask(
     temperature: float = typer.Option(ANSWER.temperature, help="Sampling temperature; 0 (default) is greedy."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     retriever: str = typer.Option("hybrid", "--retriever", "-r", help=RETRIEVER_HELP),
+    loop_guard: int = typer.Option(ANSWER.loop_guard, "--loop-guard", min=0, help=LOOP_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print answer, references and timings as JSON."),
 ) -> None:
     """Answer QUESTION from a bank, then list the references used."""
@@ -616,7 +619,7 @@ def ask(
     if mode != "none" and bank is None:
         bank = _default_bank(m, model, quiet=as_json)
     pieces = m.ask(question, max_new_tokens=max_tokens, temperature=temperature, seed=seed, stream=True,
-                   bank=bank if mode != "none" else None, mode=mode, retriever=retriever)
+                   bank=bank if mode != "none" else None, mode=mode, retriever=retriever, loop_guard=loop_guard)
     if not as_json:
         for piece in pieces:
             sys.stdout.write(piece)
@@ -672,6 +675,7 @@ def chat(
     temperature: float = typer.Option(ANSWER.temperature, min=0.0, help="Sampling temperature; 0 is greedy (/temp)."),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     retriever: str = typer.Option("hybrid", "--retriever", "-r", help=RETRIEVER_HELP),
+    loop_guard: int = typer.Option(ANSWER.loop_guard, "--loop-guard", min=0, help=LOOP_HELP),
 ) -> None:
     """Talk with the model in the terminal: streamed answers with their sources, multi-turn; /help inside lists
     the commands (/mode, /bank, /sources, /temp, /max, /reset, /save, /load, /stats, /quit)."""
@@ -683,7 +687,7 @@ def chat(
     check_retriever(retriever)
     m = Model.load(_model_dir(model))
     run_chat(m, _chat_bank(m, model, bank, mode), mode, max_new_tokens=max_tokens, temperature=temperature,
-             seed=seed, retriever=retriever)
+             seed=seed, retriever=retriever, loop_guard=loop_guard)
 
 
 @app.command()

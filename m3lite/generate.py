@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import BadArgument
-from .params import SamplingParams
+from .params import LOOP_PERIOD, SamplingParams
 from .kernels.sampling import sample
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -80,6 +80,16 @@ def _prefill(engine, prompt_ids, memory) -> np.ndarray:
     return logits
 
 
+def looping(tokens: Sequence[int], span: int) -> int:
+    """The period (1..LOOP_PERIOD) of a cycle that the last `span` tokens (at least twice the period) repeat
+    exactly, else 0."""
+    for k in range(1, LOOP_PERIOD + 1):
+        n = max(span, 2 * k)
+        if len(tokens) >= n + k and all(tokens[-j] == tokens[-j - k] for j in range(1, n + 1)):
+            return k
+    return 0
+
+
 def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
            result: GenerationResult, cancel=None, memory=None) -> Iterator[str]:
     """Yield text pieces as tokens are produced; fill `result` as it goes. `cancel()` -> True stops early.
@@ -138,6 +148,11 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
             result.text = out[:upto]  # what the caller has seen, should it stop iterating here
             yield out[sent:upto]
             sent = upto
+        if p.loop_guard and (k := looping(result.tokens, p.loop_guard)):
+            result.finish_reason = "stop"
+            result.notes.append(f"stopped: the answer repeated the same {k} token{'s' if k > 1 else ''} over and "
+                                f"over (a small model's loop)")
+            break
         if i + 1 == p.max_new_tokens or engine.n_past >= engine.max_ctx:
             break
         if memory is not None and len(result.tokens) % memory.model.config.retrieval_interval == 0:

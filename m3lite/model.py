@@ -210,15 +210,16 @@ class Model:
             top_k: int = ANSWER.top_k, top_p: float = ANSWER.top_p,
             repetition_penalty: float = ANSWER.repetition_penalty, seed: int | None = None, stop: Sequence[str] = (),
             stream: bool = False, backend: str = "numba", cancel=None, retriever: str = "hybrid",
-            refs: int | None = None) -> str | Iterator[str]:
+            refs: int | None = None, loop_guard: int = ANSWER.loop_guard) -> str | Iterator[str]:
         """Answer `question` in the model's chat format (greedy by default), from `bank` in `mode` as
         `generate` (with `refs` references, default the model's retrieval_top_k); retrieval searches with the
-        question alone, never with the template around it.
+        question alone, never with the template around it. An answer whose last `loop_guard` tokens repeat one
+        short cycle stops there, with a note (0: never).
         Returns the answer (or, with stream=True, an iterator of its pieces); `last_result` as `generate`."""
         question = check_question(question)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed,
-                                stop=self.stop_strings + tuple(stop))
+                                stop=self.stop_strings + tuple(stop), loop_guard=loop_guard)
         params.validate()
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
         self.engine(backend)

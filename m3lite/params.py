@@ -19,6 +19,9 @@ class SamplingParams:
     repeat_window: int = 64
     seed: int | None = None
     stop: Sequence[str] = ()
+    # stop when the last `loop_guard` tokens (or more) are one short cycle (period <= LOOP_PERIOD) repeated, a
+    # small model's degenerate loop ("1.1.1.1..."); 0: never
+    loop_guard: int = 0
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -33,8 +36,12 @@ class SamplingParams:
             raise BadArgument("repetition_penalty must be > 0 (1 disables it)")
         if self.repeat_window < 0:
             raise BadArgument("repeat_window must be >= 0")
+        if self.loop_guard < 0:
+            raise BadArgument("loop_guard must be >= 0 (0 disables it)")
 
 
 DEFAULTS = SamplingParams()  # generating text (`generate`, the server): sampled, with a repetition penalty
 # answering a question (`ask`, `chat`, the Chat API): greedy, no repetition penalty, as `m3lite eval` measures
-ANSWER = SamplingParams(max_new_tokens=256, temperature=0.0, repetition_penalty=1.0)
+# and an answer that falls into a loop stops (m3lite.generate)
+ANSWER = SamplingParams(max_new_tokens=256, temperature=0.0, repetition_penalty=1.0, loop_guard=32)
+LOOP_PERIOD = 8

@@ -69,7 +69,7 @@ def test_save_then_load_in_a_new_process_continues(chat_model, tmp_path):
 
 
 def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(endless_model, tmp_path):
-    p = spawn_chat("--model", endless_model, cache=tmp_path)
+    p = spawn_chat("--model", endless_model, "--loop-guard", "0", cache=tmp_path)  # it loops on purpose
     assert "no bank" in p.before  # the plain model, said in one line
     ask(p, "/max 100000")
     p.sendline(Q1)

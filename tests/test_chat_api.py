@@ -127,7 +127,7 @@ def test_cancel_from_another_thread(endless_model):
 
 
 def test_chat_cancel_keeps_partial_answer(endless_model):
-    chat = m3lite.load(endless_model).chat(max_new_tokens=10000)
+    chat = m3lite.load(endless_model).chat(max_new_tokens=10000, loop_guard=0)  # it loops on purpose
     cancel, seen = threading.Event(), threading.Event()
     for i, _ in enumerate(chat.send(Q1, stream=True, cancel=cancel.is_set)):
         if i == 5:
@@ -142,7 +142,7 @@ def test_chat_cancel_keeps_partial_answer(endless_model):
 
 def test_closing_the_stream_stops_and_frees_the_model(endless_model):
     m = m3lite.load(endless_model)
-    chat = m.chat(max_new_tokens=10000)
+    chat = m.chat(max_new_tokens=10000, loop_guard=0)
     it = chat.send(Q1, stream=True)
     next(it)
     with pytest.raises(BusyError):
@@ -150,6 +150,22 @@ def test_closing_the_stream_stops_and_frees_the_model(endless_model):
     it.close()
     assert chat.last_result.finish_reason == "cancelled" and len(chat.turns) == 1
     assert m.generate("x", max_new_tokens=2, temperature=0) is not None
+
+
+def test_an_answer_that_loops_stops_with_a_note(endless_model):
+    from m3lite.generate import looping
+
+    assert looping([5, 1, 2, 1, 2, 1, 2, 1, 2], 6) == 2 and looping([1, 2, 1, 2, 1, 3], 4) == 0
+    assert looping([7] * 40, 32) == 1 and looping([7] * 32, 32) == 0  # the span, then one more period
+    m = m3lite.load(endless_model)
+    text = m.ask("What?", max_new_tokens=500)  # ':' over and over: stopped after the guard's 32 tokens
+    r = m.last_result
+    assert r.finish_reason == "stop" and 33 <= len(r.tokens) <= 40 and text.startswith(":")
+    assert any("repeated the same 1 token" in n for n in r.notes)
+    assert len(m.ask("What?", max_new_tokens=100, loop_guard=0) and m.last_result.tokens) == 100
+    chat = m.chat(max_new_tokens=500)
+    chat.send("What?")
+    assert chat.last_result.finish_reason == "stop" and len(chat.last_result.tokens) <= 40
 
 
 def test_examples_run(chat_model, notes_dir, tmp_path):
