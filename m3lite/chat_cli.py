@@ -249,7 +249,7 @@ class Session:
             self.filler = VectorFiller(bank.path, bank_embedder(bank))
             self.filler.start()
             self.term.note(f"{n:,} references of this bank have no sentence vector yet; they are computed while "
-                           f"the prompt waits (~{max(1, round(n / 6000))} min in all), and dense search covers "
+                           f"the prompt waits (~{max(1, round(n / 10000))} min in all), and dense search covers "
                            f"each once it has one")
 
     def load(self, arg: str) -> None:

@@ -516,11 +516,10 @@ class Bank:
             self._vec_ok = np.concatenate([self._vec_ok, ok])
         use = (ref >= 0) & self._vec_ok[:len(ref)]
         use[use] = ~self._dead[ref[use]]
-        slots = np.flatnonzero(use)
-        if not len(slots):
+        if not use.any():
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        sc = np.asarray(mem[VECTOR_FIELD][slots]) @ v
-        return top_k(ref[slots], sc.astype(np.float32), k)
+        sc = mem[VECTOR_FIELD] @ v  # every record, read in place (a gather of the used ones would copy them)
+        return top_k(ref[use], sc[use].astype(np.float32), k)
 
     def _exact(self, v: np.ndarray, k: int, lo: int = 0) -> tuple[np.ndarray, np.ndarray]:
         if self.lazy_vectors:
