@@ -577,9 +577,10 @@ def _partial_vectors_note(bank: Path) -> None:
 
     b = Bank.open(bank)
     if b.lazy_vectors and b.embedded_count < b.count:
-        typer.echo(f"m3lite: bank {b.path}: {b.embedded_count:,} of {b.count:,} references have a sentence vector so far: word "
-              f"search covers all, dense search those (`m3lite bank encode{'' if _is_default(b.path) else ' ' + str(b.path)}` "
-              f"computes the rest in ~{_duration(0.006 * (b.count - b.embedded_count))})", err=True)
+        cmd = "m3lite bank encode" + ("" if _is_default(b.path) else f" {b.path}")
+        typer.echo(f"m3lite: bank {b.path}: {b.embedded_count:,} of {b.count:,} references have a sentence vector "
+                   f"so far: word search covers all, dense search those (`{cmd}` computes the rest in "
+                   f"~{_duration(0.006 * (b.count - b.embedded_count))})", err=True)
 
 
 def _is_default(path: Path) -> bool:

@@ -102,7 +102,8 @@ class Bank:
                 "format": FORMAT, "version": VERSION, "fingerprint": fingerprint,
                 "memory": dict(shape.as_dict(), quant=quant, record_bytes=rdt.itemsize, position_dtype="int16",
                                lazy=bool(lazy)),
-                "embed_dim": embed_dim, "vectors_lazy": bool(lazy_vectors), "count": 0, "documents": 0, "deleted_documents": 0, "generation": 0,
+                "embed_dim": embed_dim, "vectors_lazy": bool(lazy_vectors), "count": 0, "documents": 0,
+                "deleted_documents": 0, "generation": 0,
                 "files": {n: ({"length": 0, "sha256": empty} if n in HASHED else {"length": 0}) for n in DATA_FILES},
                 "index": None, "lexical": None, "arrays": {}, "meta": meta, "stats": {}, "created": now, "updated": now,
             }
@@ -292,8 +293,8 @@ class Bank:
         encoded yet are encoded with `encode_fn` (as for `add`) and kept; without it they are a BankError."""
         a = self._check_ids(ids)
         if self.lazy:
-            rec = self._lazy_records(self._lazy, a, encode_fn and (lambda todo: self._encode_records(todo, encode_fn)),
-                                     "memory", "encoded when first used by a model")
+            encode = encode_fn and (lambda todo: self._encode_records(todo, encode_fn))
+            rec = self._lazy_records(self._lazy, a, encode, "memory", "encoded when first used by a model")
         else:
             rec = self._mem[a] if a.size else np.zeros(0, self.rec_dtype)
             for i in a.tolist():  # on the mapped bytes: a copy of a padded record need not copy its padding
