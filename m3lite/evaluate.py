@@ -265,6 +265,12 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
     total = n_questions + (0 if recall_only else len(articles))
     done = 0
     say = progress or (lambda d, t, what: None)
+    if bank.lazy_vectors and bank.embedded_count < bank.count:
+        # dense search covers only the references that have a vector: measure the bank with all of them
+        from .retrieval import bank_embedder
+
+        bank.embed(bank_embedder(bank), progress=lambda st: say(st["embedded"], st["total"],
+                                                                 "computing sentence vectors"))
     say(0, total, "preparing retrieval")
 
     search = {r: MemorySession(model, bank, mode="rag", top_k=RECALL_K, retriever=r) for r in RETRIEVERS}

@@ -145,6 +145,16 @@ def test_cli_lazy_vectors_answer_and_encode(tiny_model_dir, notes_dir, tmp_path)
     p = run("ask", q, "--model", model, "--bank", lazy, "--max-tokens", "2")
     assert "sentence vector so far" not in p.stderr
     assert json.loads(run("bank", "verify", lazy, "--json").stdout)["ok"]
+    # eval measures a bank with every vector: it computes the missing ones first
+    lazy2 = tmp_path / "lazy2"
+    run("bank", "build", notes_dir, "--out", lazy2, "--model", model, "--vectors", "lazy")
+    docs = Bank.open(full).docs
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"What does the note {d['title']} say?", "answer": "x",
+                                      "document": d["id"]}) + "\n" for d in docs))
+    recall = [json.loads(run("eval", "--model", model, "--bank", b, "--qa", qa, "--recall-only", "--json").stdout)
+              ["recall_at_5"] for b in (lazy2, full)]
+    assert recall[0] == recall[1] and Bank.open(lazy2).embedded_count == Bank.open(lazy2).count
     for extra in (["--vectors", "later"], ["--vectors", "lazy", "--shards", "2"]):
         p = run("bank", "build", notes_dir, "--out", tmp_path / "x", "--model", model, *extra, check=False)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
