@@ -398,7 +398,7 @@ def bank_encode(
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ) -> None:
     """Compute now every sentence vector and encode every memory a lazy bank does not have yet (else each is
-    made when first needed): vectors first (~8 ms a reference), then memories.
+    made when first needed): vectors first (~6 ms a reference), then memories.
 
     Killed or interrupted, it keeps what it made; run it again to go on."""
     from .memory import open_bank
