@@ -662,7 +662,13 @@ def _chat_bank(m, model: Optional[Path], bank: Optional[Path], mode: Optional[st
     if mode is not None:
         check_mode(mode)
     if bank is None and mode != "none" and (model is None or mode is not None):
-        return _default_bank(m, model, quiet=False)  # built in seconds the first time (lazy vectors, memories)
+        try:
+            return _default_bank(m, model, quiet=False)  # built in seconds the first time (lazy vectors, memories)
+        except M3Error as e:
+            if mode is not None:  # asked for a bank: without one there is nothing to do
+                raise
+            typer.echo(f"m3lite: the default bank is not available ({e}); answering from the model alone",
+                       err=True)
     return bank
 
 

@@ -134,6 +134,18 @@ def test_a_bank_with_lazy_vectors_gets_them_while_the_prompt_waits(chat_model, n
     _quit(p)
 
 
+def test_without_the_default_bank_chat_answers_from_the_model_alone(chat_model, notes_dir, tmp_path):
+    # offline, with no sentence embedder pulled: the default bank cannot be built, the session still starts
+    model, _ = chat_model
+    p = spawn_chat(cache=tmp_path, env={"M3LITE_MODEL": str(model), "M3LITE_DEFAULT_SOURCES": str(notes_dir),
+                                        "M3LITE_EMBEDDER": "", "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+                                        "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)})
+    assert "default bank is not available" in p.before and "answering from the model alone" in p.before
+    assert "no bank" in p.before and "Traceback" not in p.before
+    assert "Sources:" not in ask(p, Q1)
+    _quit(p)
+
+
 def test_startup_errors_are_one_line(chat_model, tmp_path):
     from clitools import one_line_error, run
 
