@@ -26,8 +26,6 @@ class VectorFiller:
         self._gate = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.embedded = 0
-        self.error: str | None = None
 
     @staticmethod
     def missing(bank: Bank) -> int:
@@ -54,15 +52,11 @@ class VectorFiller:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def _run(self) -> None:
+        # a damaged bank or another embedder ends the thread: the session meets the same error in its own work
         try:
             bank = Bank.open(self.path)
-        except M3Error as e:
-            self.error = str(e)
+        except M3Error:
             return
         while not self._stop.is_set():
             with self._gate:
@@ -72,13 +66,11 @@ class VectorFiller:
                     st = bank.embed(self.embed_fn, batch=self.batch, limit=self.batch)
                 except BankBusyError:
                     st = None
-                except M3Error as e:  # a damaged bank, another embedder: leave it to the session's own errors
-                    self.error = str(e)
+                except M3Error:
                     return
             if st is None:
                 self._stop.wait(BUSY_RETRY_S)
                 continue
             if not st["embedded"]:
                 return  # every live reference has its vector
-            self.embedded += st["embedded"]
             self._stop.wait(0.01)  # the session takes the gate here when it waits for it

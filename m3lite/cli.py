@@ -571,22 +571,17 @@ def _default_bank(m, model_option: Optional[Path], quiet: bool) -> Path:
         return ensure_default_bank(m, progress=progress, warn=_warn)
 
 
-def _partial_vectors_note(bank: Path) -> None:
-    """One line on stderr while a bank with lazy vectors has only some: dense search covers those."""
+def _partial_vectors_note(bank: Path, default: bool) -> None:
+    """One line on stderr while a bank with lazy vectors has only some: dense search covers those. `default`:
+    it is the default bank (`bank encode` needs no path then)."""
     from .bank import Bank
 
     b = Bank.open(bank)
     if b.lazy_vectors and b.embedded_count < b.count:
-        cmd = "m3lite bank encode" + ("" if _is_default(b.path) else f" {b.path}")
+        cmd = "m3lite bank encode" + ("" if default else f" {b.path}")
         typer.echo(f"m3lite: bank {b.path}: {b.embedded_count:,} of {b.count:,} references have a sentence vector "
                    f"so far: word search covers all, dense search those (`{cmd}` computes the rest in "
                    f"~{_duration(0.006 * (b.count - b.embedded_count))})", err=True)
-
-
-def _is_default(path: Path) -> bool:
-    from .modelfile import cache_dir
-
-    return Path(path).parent == cache_dir() / "banks"
 
 
 @app.command()
@@ -617,7 +612,8 @@ def ask(
     check_retriever(retriever)
     m = Model.load(_model_dir(model))
     mode = mode or m.bank_mode
-    if mode != "none" and bank is None:
+    default = mode != "none" and bank is None
+    if default:
         bank = _default_bank(m, model, quiet=as_json)
     pieces = m.ask(question, max_new_tokens=max_tokens, temperature=temperature, seed=seed, stream=True,
                    bank=bank if mode != "none" else None, mode=mode, retriever=retriever, loop_guard=loop_guard)
@@ -633,7 +629,7 @@ def ask(
     for note in r.notes:
         _warn(note)
     if mode != "none" and not as_json:
-        _partial_vectors_note(bank)
+        _partial_vectors_note(bank, default)
     if as_json:
         _echo_json({
             "answer": r.text.strip(), "mode": mode, "retriever": retriever if mode != "none" else None,

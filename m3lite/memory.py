@@ -69,8 +69,7 @@ def build_or_add(model, bank_path, sources: Sequence[str | Document], quant: str
     then encodes what it lacks). `vectors`: "now" embeds each reference as it is added; "lazy" creates a bank
     whose sentence vectors are computed when a word search first finds a reference (or by `m3lite bank
     encode`): ready in seconds, dense search covering what has a vector. Documents already present (same
-    content hash) are skipped, so rerunning an
-    interrupted build resumes it. `progress(stats, total_references)` is called as references are added,
+    content hash) are skipped, so rerunning an interrupted build resumes it. `progress(stats, total_references)` is called as references are added,
     `encode_progress(stats)` as memories are encoded by "all" on a lazy bank.
     """
     if encode not in ENCODE:

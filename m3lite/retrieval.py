@@ -85,8 +85,8 @@ def bank_embedder(bank):
 def relevant(fused: list[tuple[int, float]], lex: list[tuple[int, float]],
              dense: list[tuple[int, float]]) -> list[tuple[int, float]]:
     """The fused references that either search found relevant in itself: a sentence similarity of at least
-    MIN_COSINE, or a BM25 score of at least LEX_SHARE of the best one; best first. Rank fusion alone would hand a small
-    model every reference of a small bank, related or not, and unrelated notes derail its answers."""
+    MIN_COSINE, or a BM25 score of at least LEX_SHARE of the best one; best first. Rank fusion alone would hand
+    a small model every reference of a small bank, related or not, and unrelated notes derail its answers."""
     cos = dict(dense)
     bm = dict(lex)
     best = max(bm.values(), default=0.0)
@@ -149,7 +149,6 @@ class Retriever:
         if self.kind == "dense":
             return dense[:k]
         return relevant(fuse([[i for i, _ in lex], [i for i, _ in dense]], len(lex) + len(dense)), lex, dense)[:k]
-
 
     def _with_word_hits(self, v: np.ndarray, lex_ids: list[int], ids: np.ndarray, sc: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ def test_default_bank_built_once_then_reused(tiny_model_dir, tmp_path):
     info = json.loads(run("bank", "info", banks[0], "--json", env=env, check=False).stdout)
     assert info["documents"] == 2 and info["quantization"] == "int4"  # the default bank stores int4 memories
     assert info["lazy"] and info["lazy_vectors"]  # ready in seconds: vectors and memories made on first use
-    assert 0 < info["vectors"] < info["references"] or info["references"] <= 2
+    assert 0 < info["vectors"] <= info["references"]  # the questions' word hits got theirs
 
 
 def test_model_without_bank_needs_a_bank(tiny_model_dir, tmp_path):

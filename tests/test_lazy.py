@@ -116,6 +116,18 @@ def killed_child(module, call):
     return subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == -signal.SIGKILL
 
 
+def kill_rounds(path, module, call, kill_points, kept_right) -> int:
+    """For each kill point: run `module.call` with `{k}` in `call` replaced by it (a child that SIGKILLs itself,
+    see `kill_at_fsync`), then check the bank opens and verifies and `kept_right(bank)`. Returns the kills."""
+    kills = 0
+    for k in kill_points:
+        kills += killed_child(module, call.format(k=k))
+        b = Bank.open(path)
+        assert b.verify()["ok"], k
+        kept_right(b)
+    return kills
+
+
 def kill_child(bank_path, tok_path, mode, kill_after):
     """Run in a subprocess: encode a lazy bank's memories (`mode` "encode": Bank.encode; "use": reading them
     as retrieval does, a few at a time), killed as `kill_at_fsync` says."""
@@ -140,16 +152,15 @@ def test_sigkill_during_lazy_persistence_leaves_a_bank_that_opens_verifies_and_f
     path = tmp_path / "lazy"
     _filled(path, tok, True, docs)
     rnd = random.Random(77 if mode == "encode" else 78)
-    kills = 0
-    for kill_after in [rnd.randint(1, 12) for _ in range(3)] + [-rnd.randint(1, 6) * 2 - 1]:
-        kills += killed_child("test_lazy", f"kill_child({str(path)!r}, {str(tok_path)!r}, {mode!r}, {kill_after})")
-        b = Bank.open(path)
-        assert b.verify()["ok"], kill_after
+
+    def kept_right(b):  # what was kept is whole and right
         have = np.flatnonzero(b._lazy.slot >= 0)
         if len(have):
-            got = b.memories(have)  # what was kept is whole and right
-            assert all(np.array_equal(x, y) for x, y in zip(got, eager.memories(have)))
-    assert kills == 4
+            assert all(np.array_equal(x, y) for x, y in zip(b.memories(have), eager.memories(have)))
+
+    points = [rnd.randint(1, 12) for _ in range(3)] + [-rnd.randint(1, 6) * 2 - 1]
+    call = f"kill_child({str(path)!r}, {str(tok_path)!r}, {mode!r}, {{k}})"
+    assert kill_rounds(path, "test_lazy", call, points, kept_right) == 4
     b = Bank.open(path)
     b.encode(fake_encode)  # finishes
     every = list(range(b.count))

@@ -67,6 +67,8 @@ class LazyRecords:
         self.slot = np.full(count, -1, np.int64)  # record of each reference, -1: none
         self.crc = np.zeros(count, np.uint32)
         self.ref_of = np.zeros(0, np.int64)  # reference of each slot read so far, -1: a bad entry
+        self.crc_of = np.zeros(0, np.uint32)  # the crc32 each slot's entry gives its record
+        self._ok = np.zeros(0, bool)  # slots whose record `current` checked against its crc32, and the verdict
         self.n = 0  # entries read so far
         self._mem: np.ndarray | None = None
         self.refresh()
@@ -78,7 +80,7 @@ class LazyRecords:
             self.slot = np.concatenate([self.slot, np.full(count - old, -1, np.int64)])
             self.crc = np.concatenate([self.crc, np.zeros(count - old, np.uint32)])
             self.n = 0  # entries skipped as beyond the bank may now count
-            self.ref_of = np.zeros(0, np.int64)
+            self.ref_of, self.crc_of, self._ok = np.zeros(0, np.int64), np.zeros(0, np.uint32), np.zeros(0, bool)
             self.refresh()
 
     def refresh(self) -> None:
@@ -97,6 +99,7 @@ class LazyRecords:
         ok = (e["ref"] < len(self.slot)) & (e["check"] == _entry_check(e["ref"], e["crc"], slots))
         r = e["ref"][ok].astype(np.int64)
         self.ref_of = np.concatenate([self.ref_of, np.where(ok, e["ref"].astype(np.int64), -1)])
+        self.crc_of = np.concatenate([self.crc_of, e["crc"].astype(np.uint32)])
         self.slot[r] = slots[ok]  # in order: a later entry of a reference replaces an earlier one
         self.crc[r] = e["crc"][ok]
         self.n = n
@@ -133,14 +136,18 @@ class LazyRecords:
         return self._mem
 
     def current(self) -> tuple[np.ndarray, np.ndarray]:
-        """All records read so far (memory-mapped, unchecked) and, per slot, its reference where the slot is the
-        reference's current record, else -1 (an older or a bad entry)."""
+        """All records read so far (memory-mapped) and, per slot, its reference where the slot is the reference's
+        current record and matches its crc32 (each slot checked once), else -1 (an older, bad or damaged one)."""
         self.refresh()
         mem = self._map()
         if mem is None:
             return np.zeros(0, self.rec), np.zeros(0, np.int64)
+        step = max(1, (64 << 20) // self.rec.itemsize)  # records checked at a time: ~64 MiB
+        for s in range(len(self._ok), self.n, step):  # slots new since the last call
+            e = min(self.n, s + step)
+            self._ok = np.concatenate([self._ok, record_crcs(np.ascontiguousarray(mem[s:e])) == self.crc_of[s:e]])
         ref = self.ref_of.copy()
-        ok = ref >= 0
+        ok = (ref >= 0) & self._ok
         ok[ok] = self.slot[ref[ok]] == np.flatnonzero(ok)
         ref[~ok] = -1
         return mem, ref

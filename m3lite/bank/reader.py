@@ -186,7 +186,6 @@ class Bank:
         self._checks = _map(p / CHECKS, CHECK_DTYPE, n)
         self._lexical: TermIndex | None = None  # BM25 over the references' words, loaded on the first text search
         self._vectors_checked = 0  # vectors [0, this) passed their crc32 (brute-force search reads them all)
-        self._vec_ok = None  # lazy vectors: whether each record read so far passed its crc32
         if len(deleted) and (int(deleted.max()) >= m["documents"] or len(np.unique(deleted)) != len(deleted)):
             raise BankError(f"bank file {p / DELETED} names unknown documents; the bank is damaged: rebuild it")
         self._deleted_docs = deleted.astype(np.int64)
@@ -506,16 +505,7 @@ class Bank:
         """Brute force over the vectors a bank with lazy vectors has so far (each record checked against its
         crc32 the first time it is read; one that fails counts as missing)."""
         mem, ref = self._lazyvec.current()
-        if self._vec_ok is None or len(self._vec_ok) > len(ref):
-            self._vec_ok = np.zeros(0, bool)
-        for s in range(len(self._vec_ok), len(ref), 1 << 14):  # records new since the last search
-            e = min(len(ref), s + (1 << 14))
-            rows = np.ascontiguousarray(mem[s:e])
-            raw, n = rows.tobytes(), rows.dtype.itemsize
-            ok = np.array([zlib.crc32(raw[j * n:(j + 1) * n]) == int(self._lazyvec.crc[r]) if r >= 0 else False
-                           for j, r in enumerate(ref[s:e].tolist())], bool)
-            self._vec_ok = np.concatenate([self._vec_ok, ok])
-        use = (ref >= 0) & self._vec_ok[:len(ref)]
+        use = ref >= 0
         use[use] = ~self._dead[ref[use]]
         if not use.any():
             return np.zeros(0, np.int64), np.zeros(0, np.float32)

@@ -226,7 +226,7 @@ class _Writer:
             ck["tokens"] = [zlib.crc32(t.tobytes()) for t in toks]
             ck["terms"] = [zlib.crc32(t.tobytes()) for t in terms]
             vs_ = 4 * b.embed_dim
-            ck["vector"] = [zlib.crc32(vbytes[i * vs_:(i + 1) * vs_]) for i in range(len(vecs))] or 0
+            ck["vector"] = 0 if b.lazy_vectors else [zlib.crc32(vbytes[i * vs_:(i + 1) * vs_]) for i in range(B)]
             n_terms = np.array([len(t) for t in terms], np.int64)
             rr["doc"] = [first_doc + di for di, _ in sub]
             rr["char_start"] = [r.char_start for _, r in sub]
