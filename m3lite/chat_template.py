@@ -33,6 +33,14 @@ SPLIT_MARKER = "<<M3LITE_SPLIT>>"
 REFERENCES_PROMPT = "Use these notes to answer.\n\n{notes}\n\nQuestion: {question}"
 REFERENCE_LINE = "[{n}] {text}"
 
+# The system message of an answer (`ask`, `eval`, which measures it, and `m3lite chat`) for a model with a chat
+# template, unless the caller gives one ("" keeps the template's own default). Measured with the default model
+# (greedy, 64 tokens, first line; README, "Evaluation"): against SmolLM2's own default it raised held-out F1 in
+# every mode (300 questions: none 15.4 -> 17.4, memory 29.4 -> 31.1, rag 36.0 -> 37.3) and the made-up facts
+# answered from memory (contains 64 -> 66 of 100), and its answers read as answers ("The landmark of Penmoor is
+# the Drebar lens."); "Answer the question in one sentence." scored lower in memory mode (29.1 / 60).
+ANSWER_SYSTEM = "You are a helpful assistant. Answer the question directly and briefly."
+
 
 class TemplateError(BadArgument):
     """The chat template refused a conversation (its `raise_exception`) or failed while rendering it."""

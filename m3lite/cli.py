@@ -584,6 +584,10 @@ def _partial_vectors_note(bank: Path, default: bool) -> None:
                    f"~{_duration(0.006 * (b.count - b.embedded_count))})", err=True)
 
 
+SYSTEM_HELP = ("The system message of the answer. Default, for a model with a chat template: one asking for a "
+               "direct, brief answer; --system '' keeps the template's own.")
+
+
 @app.command()
 def ask(
     question: str = typer.Argument(..., help="Your question."),
@@ -599,6 +603,7 @@ def ask(
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     retriever: str = typer.Option("hybrid", "--retriever", "-r", help=RETRIEVER_HELP),
     loop_guard: int = typer.Option(ANSWER.loop_guard, "--loop-guard", min=0, help=LOOP_HELP),
+    system: Optional[str] = typer.Option(None, "--system", help=SYSTEM_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print answer, references and timings as JSON."),
 ) -> None:
     """Answer QUESTION from a bank, then list the references used."""
@@ -616,7 +621,8 @@ def ask(
     if default:
         bank = _default_bank(m, model, quiet=as_json)
     pieces = m.ask(question, max_new_tokens=max_tokens, temperature=temperature, seed=seed, stream=True,
-                   bank=bank if mode != "none" else None, mode=mode, retriever=retriever, loop_guard=loop_guard)
+                   bank=bank if mode != "none" else None, mode=mode, retriever=retriever, loop_guard=loop_guard,
+                   system=system)
     if not as_json:
         for piece in pieces:
             sys.stdout.write(piece)
@@ -633,7 +639,7 @@ def ask(
     if as_json:
         _echo_json({
             "answer": r.text.strip(), "mode": mode, "retriever": retriever if mode != "none" else None,
-            "notes": r.notes,
+            "system": m.system_message(system), "prompt_tokens": r.prompt_tokens, "notes": r.notes,
             "references": [{k: x.get(k) for k in ("id", "doc_id", "source", "title", "text", "score", "attention")
                             if k in x} for x in r.references],
             "timings": r.timings(),
@@ -679,6 +685,8 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     retriever: str = typer.Option("hybrid", "--retriever", "-r", help=RETRIEVER_HELP),
     loop_guard: int = typer.Option(ANSWER.loop_guard, "--loop-guard", min=0, help=LOOP_HELP),
+    system: Optional[str] = typer.Option(None, "--system", help=SYSTEM_HELP.replace("of the answer", "of the "
+                                                                                    "conversation")),
 ) -> None:
     """Talk with the model in the terminal: streamed answers with their sources, multi-turn; /help inside lists
     the commands (/mode, /bank, /sources, /temp, /max, /reset, /save, /load, /stats, /quit)."""
@@ -690,7 +698,7 @@ def chat(
     check_retriever(retriever)
     m = Model.load(_model_dir(model))
     run_chat(m, _chat_bank(m, model, bank, mode), mode, max_new_tokens=max_tokens, temperature=temperature,
-             seed=seed, retriever=retriever, loop_guard=loop_guard)
+             seed=seed, retriever=retriever, loop_guard=loop_guard, system=m.system_message(system))
 
 
 @app.command()
@@ -731,6 +739,7 @@ def eval_(
     recall_only: bool = typer.Option(False, "--recall-only", help="Measure retrieval only (no answers)."),
     modes: str = typer.Option("none,memory,rag", "--modes", help="The modes to answer in, comma separated."),
     max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Most tokens in an answer."),
+    system: Optional[str] = typer.Option(None, "--system", help=SYSTEM_HELP + " As `m3lite ask`."),
     refs: Optional[int] = typer.Option(None, "--refs", help="References per question in memory and rag (default "
                                        "the model's retrieval_top_k, 5; at most that)."),
     report: Optional[Path] = typer.Option(None, "--report",
@@ -750,7 +759,7 @@ def eval_(
     b = open_bank(bank, m)
     with _progress_bar("evaluating", quiet=as_json) as progress:
         res = evaluate(m, b, limit=limit, max_tokens=max_tokens, progress=progress, warn=_warn, qa=qa,
-                       retriever=retriever, recall_only=recall_only, refs=refs,
+                       retriever=retriever, recall_only=recall_only, refs=refs, system=system,
                        modes=[x.strip() for x in modes.split(",") if x.strip()])
     if report is not None:
         md, png = write_report(res, report)

@@ -233,11 +233,12 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
              progress: Callable[[int, int, str], None] | None = None,
              warn: Callable[[str], None] | None = None, qa: str | Path | None = None,
              retriever: str = "hybrid", recall_only: bool = False, modes: Sequence[str] = MODES,
-             refs: int | None = None) -> dict:
+             refs: int | None = None, system: str | None = None) -> dict:
     """Run the evaluation (see the module's docstring) of `model` with `bank` (an open Bank built by this
     model): on the held-out articles, or on the questions of the QA file `qa`; the modes retrieve with
     `retriever`; `recall_only` measures retrieval alone; `modes` answers in those modes only; memory and rag
-    use `refs` references per question (default the model's retrieval_top_k). `progress(done, total, what)` is called after each
+    use `refs` references per question (default the model's retrieval_top_k); answers have the system message
+    `system` (None: `Model.ask`'s default). `progress(done, total, what)` is called after each
     question and each summary. Returns the results as a JSON-ready dict (fractions in [0, 1], times in ms; None
     where there is nothing to measure)."""
     from .memory import MemorySession
@@ -280,7 +281,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
 
     def answer(question: str, mode: str, n: int) -> str:  # greedy, in the model's chat format, first line
         return model.ask(question, max_new_tokens=n, bank=bank, mode=mode, stop=[STOP],
-                         retriever=search[retriever].search, refs=refs)
+                         retriever=search[retriever].search, refs=refs, system=system)
 
     if not recall_only:
         for mode in modes:  # untimed: the first call of a mode pays one-time costs (compiled code, page faults)
@@ -340,7 +341,7 @@ def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MA
         "model": cfg.name, "fingerprint": model.fingerprint, "bank": str(bank.path),
         "questions_from": str(qa) if qa is not None else f"wiki:{lang}:heldout", "lang": lang,
         "articles": len(articles), "questions": n_questions, "max_tokens": max_tokens, "retriever": retriever,
-        "refs": refs or cfg.retrieval_top_k,
+        "refs": refs or cfg.retrieval_top_k, "system": model.system_message(system),
         "bank_references": bank.live_count,
         "modes": results,
         "recall_at_5": {r: rnd(n / len(with_gold)) if with_gold else None for r, n in recall.items()},
@@ -367,8 +368,10 @@ def markdown_table(res: dict) -> str:
              f"({res.get('bank_references', '?')} references): {res['questions']} questions from "
              f"{res.get('questions_from', 'the held-out articles')}."]
     if m:
+        system = res.get("system")
         lines += [f"Greedy, up to {res['max_tokens']} tokens, stop at a newline; the modes retrieve with "
-                  f"{res.get('retriever', 'hybrid')}." + (f" Perplexity over {pp['tokens']} tokens of "
+                  f"{res.get('retriever', 'hybrid')}." + (f' System message: "{system}".' if system else "")
+                  + (f" Perplexity over {pp['tokens']} tokens of "
                   f"{pp['summaries']} summaries; memory mode without the summary's own references."
                   if pp.get("tokens") else ""), "",
                   "| mode | EM % | F1 % | contains % | TTFT ms | decode tok/s | perplexity |",

@@ -142,6 +142,17 @@ class Model:
         session = self.memory_session(bank, mode, backend, retriever)
         return _text_or_stream(self._run(list(ids), params, backend, cancel, session), stream, self)
 
+    def system_message(self, system: str | None = None) -> str:
+        """The system message of an answer (`ask`, `m3lite chat`): `system` when given ("" for none: the
+        template's own default), else, for a model with a chat template, `chat_template.ANSWER_SYSTEM`."""
+        if system is None:
+            from .chat_template import ANSWER_SYSTEM
+
+            return ANSWER_SYSTEM if self.chat_template is not None else ""
+        if not isinstance(system, str):
+            raise BadArgument(f"system must be a string, got {type(system).__name__}")
+        return system
+
     def chat(self, bank=None, mode: str | None = None, **settings):
         """A conversation with this model (an `m3lite.Chat`), optionally over `bank`; see `m3lite.chat`."""
         from .chat import Chat
@@ -213,15 +224,19 @@ class Model:
             refs: int | None = None, loop_guard: int = ANSWER.loop_guard) -> str | Iterator[str]:
         """Answer `question` in the model's chat format (greedy by default), from `bank` in `mode` as
         `generate` (with `refs` references, default the model's retrieval_top_k); retrieval searches with the
-        question alone, never with the template around it. An answer whose last `loop_guard` tokens repeat one
-        short cycle stops there, with a note (0: never).
+        question alone, never with the template around it. `system` is the system message: None gives a model
+        with a chat template `chat_template.ANSWER_SYSTEM` (a direct, brief answer), "" none (the template's own
+        default). An answer whose last `loop_guard` tokens repeat one short cycle stops there, with a note (0:
+        never).
         Returns the answer (or, with stream=True, an iterator of its pieces); `last_result` as `generate`."""
         question = check_question(question)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed,
                                 stop=self.stop_strings + tuple(stop), loop_guard=loop_guard)
         params.validate()
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+        system = self.system_message(system)
+        msgs = ([{"role": "system", "content": system}] if system.strip() else []) + [
+            {"role": "user", "content": question}]
         self.engine(backend)
         session = self.memory_session(bank, mode, backend, retriever, refs)
         if session is not None:

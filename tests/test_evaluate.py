@@ -157,6 +157,7 @@ def test_eval_command_json_and_report(evalbank, tmp_path):
     assert {"model", "fingerprint", "bank", "articles", "questions", "max_tokens", "modes", "recall_at_5",
             "perplexity", "examples", "seconds", "report"} <= set(res)
     assert res["articles"] == N_ARTICLES and N_ARTICLES <= res["questions"] <= 2 * N_ARTICLES
+    assert res["system"] == ""  # a model without a chat template answers with no system message
     assert set(res["modes"]) == {"none", "memory", "rag"}
     for d in res["modes"].values():
         assert set(d) == {"exact_match", "f1", "contains", "ttft_ms", "decode_tokens_per_s"}

@@ -83,6 +83,35 @@ def test_cli_import_json_and_tokenizer_round_trip(tmp_path):
     run("import", src, "--out", tmp_path / "m", "--force", "--json")
 
 
+def test_ask_has_a_brief_system_message_unless_told_otherwise(tmp_path, monkeypatch):
+    from m3lite.chat_template import ANSWER_SYSTEM
+    from m3lite.errors import BadArgument
+
+    src = tmp_path / "m.gguf"
+    write_gguf(src, "F32")
+    m = m3lite.load(import_model(src, tmp_path / "m", weights="fp32")["model"])
+    seen = []
+    render = m.prompt
+    monkeypatch.setattr(m, "prompt", lambda msgs, *a: (seen.append(msgs), render(msgs, *a))[1])
+    for system, want in ((None, ANSWER_SYSTEM), ("", None), ("  ", None), ("Be terse.", "Be terse.")):
+        m.ask("hi", max_new_tokens=1, system=system)
+        first = seen[-1][0]
+        assert (first["content"] if first["role"] == "system" else None) == want, system
+        assert seen[-1][-1] == {"role": "user", "content": "hi"}
+    text = m.tokenizer.decode(render([{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": "hi"}]))
+    assert text.startswith(f"<|im_start|>system\n{ANSWER_SYSTEM}<|im_end|>")
+    with pytest.raises(BadArgument):
+        m.ask("hi", max_new_tokens=1, system=3)
+    # the CLI: --system reaches the prompt (a one-token answer either way; the prompt's length tells them apart)
+    lengths = []
+    for extra in (["--system", ""], [], ["--system", " ".join([ANSWER_SYSTEM] * 3)]):
+        out = json.loads(run("ask", "hi", "--model", tmp_path / "m", "--mode", "none", "-n", "1", "--json",
+                             *extra).stdout)
+        assert out["system"] == (extra[1] if extra else ANSWER_SYSTEM)
+        lengths.append(out["prompt_tokens"])
+    assert lengths[0] < lengths[1] < lengths[2]
+
+
 def test_memory_settings_at_import_and_a_bank_of_other_settings_is_refused(tmp_path):
     src = tmp_path / "m.gguf"
     write_gguf(src, "F32")
