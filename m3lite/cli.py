@@ -217,7 +217,8 @@ def pull(
 
 BANK_HELP = "Bank directory (made by `m3lite bank build`)."
 LOOP_HELP = ("Stop an answer whose last N tokens repeat one short cycle (a small model's loop, e.g. "
-             "'1.1.1.1...'), with a note; 0 never stops it.")
+             "'1.1.1.1...') or were already written earlier in it (a sentence over and over), with a note; 0 "
+             "never stops it.")
 RETRIEVER_HELP = ("How references are found: hybrid (default; BM25 over words fused with sentence-embedding "
                   "search), lexical (BM25 alone) or dense (embeddings alone).")
 bank_app = typer.Typer(help="Build, grow, inspect and search memory banks.", no_args_is_help=True,

@@ -90,6 +90,24 @@ def looping(tokens: Sequence[int], span: int) -> int:
     return 0
 
 
+def written_before(tokens: list[int], span: int) -> bool:
+    """True when the last `span` tokens were already written, in that order, earlier in `tokens`: a longer loop
+    than `looping` sees (a sentence or list item over and over, perhaps numbered anew each time)."""
+    n = len(tokens)
+    if n <= span:
+        return False
+    tail = tokens[-span:]
+    i = 0
+    while True:
+        try:
+            i = tokens.index(tail[0], i, n - span)
+        except ValueError:
+            return False
+        if tokens[i:i + span] == tail:
+            return True
+        i += 1
+
+
 def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
            result: GenerationResult, cancel=None, memory=None) -> Iterator[str]:
     """Yield text pieces as tokens are produced; fill `result` as it goes. `cancel()` -> True stops early.
@@ -152,6 +170,11 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
             result.finish_reason = "stop"
             result.notes.append(f"stopped: the answer repeated the same {k} token{'s' if k > 1 else ''} over and "
                                 f"over (a small model's loop)")
+            break
+        if p.loop_guard and written_before(result.tokens, p.loop_guard):
+            result.finish_reason = "stop"
+            result.notes.append(f"stopped: the answer began to repeat {p.loop_guard} tokens it had already written "
+                                f"(a small model's loop)")
             break
         if i + 1 == p.max_new_tokens or engine.n_past >= engine.max_ctx:
             break

@@ -226,8 +226,8 @@ class Model:
         `generate` (with `refs` references, default the model's retrieval_top_k); retrieval searches with the
         question alone, never with the template around it. `system` is the system message: None gives a model
         with a chat template `chat_template.ANSWER_SYSTEM` (a direct, brief answer), "" none (the template's own
-        default). An answer whose last `loop_guard` tokens repeat one short cycle stops there, with a note (0:
-        never).
+        default). An answer whose last `loop_guard` tokens repeat one short cycle, or were written earlier in
+        it, stops there, with a note (0: never).
         Returns the answer (or, with stream=True, an iterator of its pieces); `last_result` as `generate`."""
         question = check_question(question)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

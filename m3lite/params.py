@@ -20,7 +20,8 @@ class SamplingParams:
     seed: int | None = None
     stop: Sequence[str] = ()
     # stop when the last `loop_guard` tokens (or more) are one short cycle (period <= LOOP_PERIOD) repeated, a
-    # small model's degenerate loop ("1.1.1.1..."); 0: never
+    # small model's degenerate loop ("1.1.1.1..."), or were already written earlier in the answer (a sentence
+    # over and over); 0: never
     loop_guard: int = 0
 
     def validate(self) -> None:
