@@ -63,7 +63,9 @@ def reference_summary(r: dict) -> dict:
 class Chat:
     """A conversation with `model`, optionally over a `bank` (an `m3lite.Bank` or its path).
 
-    mode: "memory" (default with a bank), "rag" or "none" (default without). Sampling settings are attributes
+    mode: "memory" (default with a bank), "rag" or "none" (default without). system: the system message, as
+    `Model.system_message` (None: a brief-answer one for a model with a chat template; "": the template's own).
+    Sampling settings are attributes
     (`temperature` 0 = greedy, the default; `max_new_tokens`, `top_k`, `top_p`, `repetition_penalty`, `seed`)
     and can be overridden per `send`. Earlier turns stay in the context up to the model's limit; when a new
     turn does not fit, the oldest turns are dropped and `last_result.notes` says so.
@@ -72,7 +74,7 @@ class Chat:
     Cancel an answer from any thread with `send(..., cancel=event.is_set)` and `event.set()`.
     """
 
-    def __init__(self, model, bank=None, mode: str | None = None, *, system: str = "",
+    def __init__(self, model, bank=None, mode: str | None = None, *, system: str | None = None,
                  max_new_tokens: int = ANSWER.max_new_tokens, temperature: float = ANSWER.temperature, top_k: int = ANSWER.top_k, top_p: float = ANSWER.top_p,
                  repetition_penalty: float = ANSWER.repetition_penalty,
                  seed: int | None = None, retriever: str = "hybrid", loop_guard: int = ANSWER.loop_guard):
@@ -80,7 +82,7 @@ class Chat:
 
         self.model = model
         self.retriever = check_retriever(retriever)
-        self.system = system
+        self.system = model.system_message(system)
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.top_p, self.repetition_penalty, self.seed = top_p, repetition_penalty, seed
         self.loop_guard = loop_guard  # an answer repeating one short cycle this long stops (m3lite.generate)

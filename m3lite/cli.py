@@ -585,8 +585,8 @@ def _partial_vectors_note(bank: Path, default: bool) -> None:
                    f"~{_duration(0.006 * (b.count - b.embedded_count))})", err=True)
 
 
-SYSTEM_HELP = ("The system message of the answer. Default, for a model with a chat template: one asking for a "
-               "direct, brief answer; --system '' keeps the template's own.")
+SYSTEM_HELP = ("The system message. Default, for a model with a chat template: one asking for direct, brief "
+               "answers; --system '' keeps the template's own.")
 
 
 @app.command()
@@ -686,8 +686,7 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     retriever: str = typer.Option("hybrid", "--retriever", "-r", help=RETRIEVER_HELP),
     loop_guard: int = typer.Option(ANSWER.loop_guard, "--loop-guard", min=0, help=LOOP_HELP),
-    system: Optional[str] = typer.Option(None, "--system", help=SYSTEM_HELP.replace("of the answer", "of the "
-                                                                                    "conversation")),
+    system: Optional[str] = typer.Option(None, "--system", help=SYSTEM_HELP),
 ) -> None:
     """Talk with the model in the terminal: streamed answers with their sources, multi-turn; /help inside lists
     the commands (/mode, /bank, /sources, /temp, /max, /reset, /save, /load, /stats, /quit)."""
@@ -699,7 +698,7 @@ def chat(
     check_retriever(retriever)
     m = Model.load(_model_dir(model))
     run_chat(m, _chat_bank(m, model, bank, mode), mode, max_new_tokens=max_tokens, temperature=temperature,
-             seed=seed, retriever=retriever, loop_guard=loop_guard, system=m.system_message(system))
+             seed=seed, retriever=retriever, loop_guard=loop_guard, system=system)
 
 
 @app.command()
@@ -740,7 +739,7 @@ def eval_(
     recall_only: bool = typer.Option(False, "--recall-only", help="Measure retrieval only (no answers)."),
     modes: str = typer.Option("none,memory,rag", "--modes", help="The modes to answer in, comma separated."),
     max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Most tokens in an answer."),
-    system: Optional[str] = typer.Option(None, "--system", help=SYSTEM_HELP + " As `m3lite ask`."),
+    system: Optional[str] = typer.Option(None, "--system", help=SYSTEM_HELP),
     refs: Optional[int] = typer.Option(None, "--refs", help="References per question in memory and rag (default "
                                        "the model's retrieval_top_k, 5; at most that)."),
     report: Optional[Path] = typer.Option(None, "--report",

@@ -143,7 +143,7 @@ class Model:
         return _text_or_stream(self._run(list(ids), params, backend, cancel, session), stream, self)
 
     def system_message(self, system: str | None = None) -> str:
-        """The system message of an answer (`ask`, `m3lite chat`): `system` when given ("" for none: the
+        """The system message of an answer (`ask`, `Chat`, `eval`): `system` when given ("" for none: the
         template's own default), else, for a model with a chat template, `chat_template.ANSWER_SYSTEM`."""
         if system is None:
             from .chat_template import ANSWER_SYSTEM

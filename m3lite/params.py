@@ -19,9 +19,8 @@ class SamplingParams:
     repeat_window: int = 64
     seed: int | None = None
     stop: Sequence[str] = ()
-    # stop when the last `loop_guard` tokens (or more) are one short cycle (period <= LOOP_PERIOD) repeated, a
-    # small model's degenerate loop ("1.1.1.1..."), or were already written earlier in the answer (a sentence
-    # over and over); 0: never
+    # stop when the last `loop_guard` tokens were already written earlier in the answer: a small model's loop,
+    # of a few tokens ("1.1.1.1...") or of a sentence over and over (generate.repeat_period); 0: never
     loop_guard: int = 0
 
     def validate(self) -> None:
@@ -45,4 +44,4 @@ DEFAULTS = SamplingParams()  # generating text (`generate`, the server): sampled
 # answering a question (`ask`, `chat`, the Chat API): greedy, no repetition penalty, as `m3lite eval` measures
 # and an answer that falls into a loop stops (m3lite.generate)
 ANSWER = SamplingParams(max_new_tokens=256, temperature=0.0, repetition_penalty=1.0, loop_guard=32)
-LOOP_PERIOD = 8
+LOOP_PERIOD = 8  # a loop of at most this many tokens is "the same few tokens over and over" in its note

@@ -153,15 +153,17 @@ def test_closing_the_stream_stops_and_frees_the_model(endless_model):
 
 
 def test_an_answer_that_loops_stops_with_a_note(endless_model):
-    from m3lite.generate import looping, written_before
+    from m3lite.generate import repeat_period
 
-    assert looping([5, 1, 2, 1, 2, 1, 2, 1, 2], 6) == 2 and looping([1, 2, 1, 2, 1, 3], 4) == 0
-    assert looping([7] * 40, 32) == 1 and looping([7] * 32, 32) == 0  # the span, then one more period
-    sentence = list(range(100, 140))  # 40 tokens, then written again with a new number in front
-    assert written_before([1] + sentence + [2] + sentence[:31], 32) is False
-    assert written_before([1] + sentence + [2] + sentence[:32], 32) is True
-    assert written_before([1] + sentence + [2] + sentence[5:37], 32) is True  # any 32 of them
-    assert written_before(sentence + sentence[::-1], 32) is False and written_before([7] * 32, 32) is False
+    assert repeat_period([5, 1, 2, 1, 2, 1, 2, 1, 2], 6) == 2 and repeat_period([1, 2, 1, 2, 1, 3], 4) == 0
+    assert repeat_period([7] * 40, 32) == 1 and repeat_period([7] * 32, 32) == 0  # the span, then one more
+    sentence = list(range(100, 140))  # 40 tokens, then written again with a new number in front: period 41
+    assert repeat_period([1] + sentence + [2] + sentence[:31], 32) == 0
+    assert repeat_period([1] + sentence + [2] + sentence[:32], 32) == 41
+    assert repeat_period([1] + sentence + [2] + sentence[5:37], 32) == 36  # any 32 of them, from their start
+    assert repeat_period(sentence + [0] + sentence + [0] + sentence[:32], 32) == 41  # the latest time
+    assert repeat_period(sentence[:32] + sentence[:32], 32) == 32  # written at the very start
+    assert repeat_period(sentence + sentence[::-1], 32) == 0
     m = m3lite.load(endless_model)
     text = m.ask("What?", max_new_tokens=500)  # ':' over and over: stopped after the guard's 32 tokens
     r = m.last_result

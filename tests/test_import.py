@@ -102,6 +102,7 @@ def test_ask_has_a_brief_system_message_unless_told_otherwise(tmp_path, monkeypa
     assert text.startswith(f"<|im_start|>system\n{ANSWER_SYSTEM}<|im_end|>")
     with pytest.raises(BadArgument):
         m.ask("hi", max_new_tokens=1, system=3)
+    assert m.chat().system == ANSWER_SYSTEM and m.chat(system="").system == ""  # a conversation: the same default
     # the CLI: --system reaches the prompt (a one-token answer either way; the prompt's length tells them apart)
     lengths = []
     for extra in (["--system", ""], [], ["--system", " ".join([ANSWER_SYSTEM] * 3)]):
