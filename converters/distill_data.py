@@ -13,8 +13,13 @@ The teacher is the same model in RAG mode, run by m3lite's own engine: reference
 reference only: with the two distractors in its prompt SmolLM2-135M got 58% of the first 50 made-up facts of the
 train split right, with the gold note alone 67% of all 1,400; the student, who reads all of them as memory,
 should learn the better answer. At every answer position the teacher's top --top log-probabilities are kept; the trainer's KL needs nothing else from it, so the teacher never runs again.
-Made-up-facts items whose teacher answer misses the gold answer are dropped (the student should not learn a
-wrong answer); Wikipedia answers are free text and all kept.
+Teacher and student share the system message the runtime answers with (`Model.system_message`: for a model
+with a chat template `chat_template.ANSWER_SYSTEM`, --system to change it), so the adapter learns the prompt it
+will be asked in. A teacher answer that starts copying the numbered notes ("... loom. [1] In the Datairk ...") is
+cut before the number: the student never sees numbers, and the adapter distilled without this cut writes
+"[2] ..." after its answers.
+Made-up-facts items whose (cut) teacher answer misses the gold answer are dropped (the student should not learn a
+wrong answer); Wikipedia answers are free text and all kept, unless cutting leaves nothing.
 
 DATA_DIR gets items.jsonl (per item: kind, question, answer, teacher, student ids = the prompt without
 references, answer ids = the teacher's answer tokens ending in its end-of-turn token, refs = token lists
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -94,6 +100,21 @@ def wiki_items(tok, n_articles: int, max_tokens: int) -> tuple[list[str], list[d
     return texts, items
 
 
+_NOTE_NUMBER = re.compile(r"\[\d")
+
+
+def cut_at_note_number(tok, answer: list[int]) -> int:
+    """How many of `answer`'s tokens come before it starts a note number ("[1]", the RAG prompt's numbering):
+    all of them when it never does. The token holding the "[" is the first one cut."""
+    m = _NOTE_NUMBER.search(tok.decode(answer, skip_special=True))
+    if m is None:
+        return len(answer)
+    for i in range(len(answer)):
+        if len(tok.decode(answer[:i + 1], skip_special=True)) > m.start():
+            return i
+    return len(answer)
+
+
 def teacher_answer(model, eng, ids: list[int], max_new: int, top: int) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Greedy answer of the engine to `ids` and, per answer token, the top `top` token ids and log-probs."""
     eos = set(model.tokenizer.eos_ids)
@@ -117,7 +138,7 @@ def teacher_answer(model, eng, ids: list[int], max_new: int, top: int) -> tuple[
 
 def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 600, refs: int = 3,
             max_new: int = 40, top: int = 64, seed: int | None = None, teacher: str = "gold", keep_wrong: bool = False,
-            progress=print) -> dict:
+            system: str | None = None, progress=print) -> dict:
     import m3lite
     from m3lite.evaluate import contains
 
@@ -134,18 +155,22 @@ def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 
     eng.pos_offset = 0
     rows, all_top, all_lp = [], [], []
     n_total = sum(len(p[1]) for p in pools)
-    t0, done, dropped = time.perf_counter(), 0, 0
+    t0, done, dropped, cut = time.perf_counter(), 0, 0, 0
     for texts, items in pools:
         index = _pool_index(texts)
         for it in items:
             chosen = with_distractors(index, it["question"], it["gold"], refs)
             ref_texts = [texts[i] for i in chosen]
-            msgs = [{"role": "user", "content": it["question"]}]
+            msgs = model.answer_messages(it["question"], system)
             shown = [texts[it["gold"]]] if teacher == "gold" else ref_texts
             answer, tops, lps = teacher_answer(model, eng, model.prompt(msgs, shown), max_new, top)
             done += 1
+            n = cut_at_note_number(tok, answer)
+            if n < len(answer):
+                cut += 1
+                answer, tops, lps = answer[:n], tops[:n], lps[:n]
             text = tok.decode(answer, skip_special=True).strip()
-            if it["kind"] == "facts" and not keep_wrong and not contains(text, it["answer"]):
+            if not text or (it["kind"] == "facts" and not keep_wrong and not contains(text, it["answer"])):
                 dropped += 1
             else:
                 rows.append({"kind": it["kind"], "question": it["question"], "answer": it["answer"],
@@ -157,7 +182,7 @@ def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 
             if done % 50 == 0 or done == n_total:
                 rate = done / (time.perf_counter() - t0)
                 progress(f"teacher answers {done}/{n_total} ({rate:.1f}/s, kept {len(rows)}, "
-                         f"{dropped} wrong facts dropped)")
+                         f"{dropped} wrong or empty dropped, {cut} cut at a note number)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -165,7 +190,8 @@ def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 
     meta = {"format": DATA_FORMAT, "version": DATA_VERSION, "model": str(model_dir),
             "fingerprint": model.fingerprint, "weights_sha256": model.files.manifest["weights"]["sha256"],
             "teacher": teacher, "items": len(rows), "facts_entities": n_facts, "wiki_articles": n_wiki,
-            "refs": refs, "max_new": max_new, "top": top, "dropped": dropped, "seed": seed,
+            "refs": refs, "max_new": max_new, "top": top, "dropped": dropped, "cut": cut, "seed": seed,
+            "system": model.system_message(system),
             "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_bytes(out / TEACHER, buf.getvalue())
     atomic_write_bytes(out / ITEMS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
@@ -204,12 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="made-up-facts seed (default the train split's)")
     p.add_argument("--teacher", choices=("gold", "all"), default="gold",
                    help="what the RAG teacher reads: the gold reference (default) or all the student's references")
+    p.add_argument("--system", help="the system message of teacher and student (default the one the runtime answers "
+                   "with, chat_template.ANSWER_SYSTEM, for a model with a chat template; '' the template's own)")
     a = p.parse_args(argv)
     try:
         if a.refs < 1 or a.top < 1 or a.max_new < 1 or a.facts < 0 or a.wiki < 0 or not (a.facts or a.wiki):
             raise BadArgument("--refs, --top, --max-new must be positive and --facts or --wiki nonzero")
         meta = prepare(a.model, a.out, a.facts, a.wiki, a.refs, a.max_new, a.top, a.seed, a.teacher,
-                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+                       system=a.system, progress=lambda m: print(m, file=sys.stderr, flush=True))
     except M3Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

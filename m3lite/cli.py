@@ -13,7 +13,7 @@ import typer
 
 from . import __version__
 from .errors import BadArgument, M3Error
-from .params import ANSWER, DEFAULTS
+from .params import ANSWER, DEFAULTS, EVAL_MAX_TOKENS
 
 app = typer.Typer(
     help="m3lite: run small language models with explicit memory on your CPU.",
@@ -738,7 +738,7 @@ def eval_(
                                   + RETRIEVER_HELP),
     recall_only: bool = typer.Option(False, "--recall-only", help="Measure retrieval only (no answers)."),
     modes: str = typer.Option("none,memory,rag", "--modes", help="The modes to answer in, comma separated."),
-    max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Most tokens in an answer."),
+    max_tokens: int = typer.Option(EVAL_MAX_TOKENS, "--max-tokens", "-n", help="Most tokens in an answer."),
     system: Optional[str] = typer.Option(None, "--system", help=SYSTEM_HELP),
     refs: Optional[int] = typer.Option(None, "--refs", help="References per question in memory and rag (default "
                                        "the model's retrieval_top_k, 5; at most that)."),

@@ -34,10 +34,10 @@ import numpy as np
 
 from .errors import BadArgument, M3Error
 from .heldout import QASample, article_questions, is_held_out
+from .params import EVAL_MAX_TOKENS
 
 MODES = ("none", "memory", "rag")
 RECALL_K = 5
-DEFAULT_MAX_TOKENS = 64
 N_EXAMPLES = 5
 STOP = "\n"  # an answer is its first line: the gold answers are one phrase or sentence
 
@@ -229,7 +229,7 @@ def read_qa(path: str | Path, bank) -> list[EvalItem]:
     return out
 
 
-def evaluate(model, bank, limit: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, lang: str = "en",
+def evaluate(model, bank, limit: int | None = None, max_tokens: int = EVAL_MAX_TOKENS, lang: str = "en",
              progress: Callable[[int, int, str], None] | None = None,
              warn: Callable[[str], None] | None = None, qa: str | Path | None = None,
              retriever: str = "hybrid", recall_only: bool = False, modes: Sequence[str] = MODES,

@@ -153,6 +153,13 @@ class Model:
             raise BadArgument(f"system must be a string, got {type(system).__name__}")
         return system
 
+    def answer_messages(self, question: str, system: str | None = None) -> list[dict]:
+        """The conversation `ask` sends: the system message (`system_message(system)`) unless blank, then
+        `question` as the user turn."""
+        system = self.system_message(system)
+        return ([{"role": "system", "content": system}] if system.strip() else []) + [
+            {"role": "user", "content": question}]
+
     def chat(self, bank=None, mode: str | None = None, **settings):
         """A conversation with this model (an `m3lite.Chat`), optionally over `bank`; see `m3lite.chat`."""
         from .chat import Chat
@@ -234,9 +241,7 @@ class Model:
                                 repetition_penalty=repetition_penalty, seed=seed,
                                 stop=self.stop_strings + tuple(stop), loop_guard=loop_guard)
         params.validate()
-        system = self.system_message(system)
-        msgs = ([{"role": "system", "content": system}] if system.strip() else []) + [
-            {"role": "user", "content": question}]
+        msgs = self.answer_messages(question, system)
         self.engine(backend)
         session = self.memory_session(bank, mode, backend, retriever, refs)
         if session is not None:

@@ -44,4 +44,6 @@ DEFAULTS = SamplingParams()  # generating text (`generate`, the server): sampled
 # answering a question (`ask`, `chat`, the Chat API): greedy, no repetition penalty, as `m3lite eval` measures
 # and an answer that falls into a loop stops (m3lite.generate)
 ANSWER = SamplingParams(max_new_tokens=256, temperature=0.0, repetition_penalty=1.0, loop_guard=32)
+# `m3lite eval`'s answers: the gold answers are one phrase or sentence (95% of first sentences within 58 tokens)
+EVAL_MAX_TOKENS = 64
 LOOP_PERIOD = 8  # a loop of at most this many tokens is "the same few tokens over and over" in its note

@@ -17,7 +17,7 @@ from llama_files import write_hf  # noqa: E402
 import m3lite  # noqa: E402
 from converters import train as T  # noqa: E402
 from converters.distill import Items, base_model, kl_sum  # noqa: E402
-from converters.distill_data import prepare  # noqa: E402
+from converters.distill_data import cut_at_note_number, load, prepare  # noqa: E402
 from converters.lora import add_lora, lora_modules, merge_lora, save_adapter  # noqa: E402
 from converters.model import Memory, encode_memory, forward_with_memory  # noqa: E402
 from m3lite.adapter import AdapterError, read_adapter  # noqa: E402
@@ -186,6 +186,27 @@ def test_distillation_lowers_kl_and_resumes_exactly(imported, distill_data, tmp_
     assert T.main(["--resume", "--out", str(tmp_path / "b"), "--rank", "8"]) == 2
     run_json = json.loads((tmp_path / "a" / T.RUN_JSON).read_text())
     assert run_json["stage"] == "distill" and run_json["rank"] == 4
+
+
+def test_teacher_and_student_are_asked_as_the_runtime_asks(imported, distill_data):
+    """The data's prompts carry the system message `ask` sends (the model has a chat template), the student's
+    prompt is the teacher's without the notes, and the meta says which message it was."""
+    from m3lite.chat_template import ANSWER_SYSTEM
+
+    meta, items, *_ = load(distill_data)
+    model = m3lite.load(imported / "m")
+    assert meta["system"] == ANSWER_SYSTEM and meta["cut"] >= 0
+    for it in items:
+        assert it["student"] == model.prompt(model.answer_messages(it["question"]))
+        assert ANSWER_SYSTEM in model.tokenizer.decode(it["student"])
+
+
+def test_teacher_answer_cut_before_a_note_number(imported):
+    tok = m3lite.load(imported / "m").tokenizer
+    for text, kept in [("The loom. [1] In the Datairk", "The loom."), ("[2] Somon Mills", ""),
+                       ("No numbers [x] here", "No numbers [x] here"), ("A [12]", "A"), ("", "")]:
+        ids = tok.encode(text)
+        assert tok.decode(ids[:cut_at_note_number(tok, ids)]).strip() == kept
 
 
 def test_distill_needs_matching_data(imported, distill_data, tmp_path):
