@@ -278,6 +278,8 @@ def test_with_references():
     assert text == REFERENCES_PROMPT.format(notes="[1] Etna is in Sicily.\n[2] It erupts often.",
                                             question="Where is Etna?")
     assert with_references("Q?", []) == "Q?"
-    assert with_references("{x}", ["{y}"]).endswith("[1] {y}\n\nQuestion: {x}")
+    # one note goes unnumbered: the adapted default model given "[1] note" went on with "[2] ..." after its answer
+    assert with_references("{x}", ["{y}"]) == "Use these notes to answer.\n\n{y}\n\nQuestion: {x}"
+    assert with_references("Q?", ["  ", "Etna is in Sicily."]).endswith("\n\nEtna is in Sicily.\n\nQuestion: Q?")
     with pytest.raises(BadArgument):
         with_references("Q?", "not a list")
