@@ -107,7 +107,23 @@ def test_fp32_greedy_equals_transformers_and_int8_agrees(smollm2, fp32_dir, fp32
         want = _transformers_greedy(ref, ids, 48)
         got = _greedy(fp32, ids, 48)
         assert got == want, (q, fp32.tokenizer.decode(got), fp32.tokenizer.decode(want))
-        assert _greedy(int8, ids, 8) == _greedy(fp32a, ids, 8), q  # the default as pulled
+        _agree_or_tie(fp32a, ids, _greedy(int8, ids, 8), _greedy(fp32a, ids, 8), q)  # the default as pulled
+
+
+TIE = 0.05  # logits: int8 may settle a tie closer than this either way (a logit's std is ~4 here)
+
+
+def _agree_or_tie(fp32, ids: list[int], got: list[int], want: list[int], what: str):
+    """`got` (int8) equals `want` (fp32's greedy tokens), or first differs where fp32 itself scored the two tokens
+    within TIE: the adapted default's "Write one sentence about the sea." reaches such a tie at its 5th token
+    (22.979 against 22.974), which int8's rounding may settle the other way; after it the texts differ."""
+    assert len(got) == len(want), what
+    k = next((i for i in range(len(want)) if got[i] != want[i]), None)
+    if k is None:
+        return
+    logits = fp32.logits(ids + want[:k])[-1]
+    margin = float(logits[want[k]] - logits[got[k]])
+    assert 0 <= margin < TIE, (what, k, margin)
 
 
 def test_template_and_tokenizer_match_transformers(smollm2):
