@@ -19,7 +19,7 @@ will be asked in. A teacher answer that starts copying the numbered notes ("... 
 cut before the number: the student never sees numbers, and the adapter distilled without this cut writes
 "[2] ..." after its answers.
 Made-up-facts items whose (cut) teacher answer misses the gold answer are dropped (the student should not learn a
-wrong answer); Wikipedia answers are free text and all kept, unless cutting leaves nothing.
+wrong answer); Wikipedia answers are free text and all kept unless empty (nothing to learn).
 
 DATA_DIR gets items.jsonl (per item: kind, question, answer, teacher, student ids = the prompt without
 references, answer ids = the teacher's answer tokens ending in its end-of-turn token, refs = token lists

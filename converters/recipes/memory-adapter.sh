@@ -21,7 +21,7 @@ GGUF="$(python -c 'from m3lite.pull import checkpoint; print(checkpoint())')"
 #    ~1,000 made-up-fact and ~600 Wikipedia questions kept, ~15 min
 [ -f "$RUNS/data/meta.json" ] || python -m converters.distill_data --model "$RUNS/base" --out "$RUNS/data" \
   --facts 700 --wiki 300 --refs 3 --max-new 32
-# 3. LoRA rank 16 on every linear weight of every layer, KL to the teacher on its answer tokens (68 min);
+# 3. LoRA rank 16 on every linear weight of every layer, KL to the teacher on its answer tokens (62-68 min);
 #    the adapted model reads one reference per retrieval (it answers best so: see the model card)
 if [ -f "$RUNS/distill/run.json" ]; then
   python -m converters.train --resume --out "$RUNS/distill"
