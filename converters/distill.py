@@ -157,8 +157,8 @@ class Items:
             top.append(self.top[a:e])
             logp.append(self.logp[a:e])
         refs = [r for it in its for r in it["refs"]]
-        counts = [len(it["refs"]) for it in its]
-        L = max(len(r) for r in refs)
+        counts = [len(it["refs"]) for it in its]  # 0: a question asked without references (plain model)
+        L = max((len(r) for r in refs), default=1)
         ref_tokens = torch.zeros(len(refs), L, dtype=torch.long)
         for j, r in enumerate(refs):
             ref_tokens[j, :len(r)] = torch.tensor(r[:cfg.reference_max_tokens])
@@ -171,24 +171,37 @@ class Items:
 
 
 def kl_sum(model, batch: dict, memory_grad: bool, codebooks: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Summed KL(teacher || student) over the batch's answer tokens, and their number. codebooks (pq
-    codebooks, m3lite.pq's layout): the student reads its memories quantized with them (straight-through)."""
+    """Summed KL(teacher || student) over the batch's answer tokens, and their number. The student reads each
+    item's references as memory; an item without references is the plain model (positions from 0, no memory
+    layer prefix), as `ask --mode none` runs it. codebooks (pq codebooks, m3lite.pq's layout): the student reads
+    its memories quantized with them (straight-through)."""
     cfg = model.cfg
-    if memory_grad:
-        mem = encode_memory(model, batch["ref_tokens"], batch["lengths"])
-    else:
-        with torch.no_grad():
-            mem = encode_memory(model, batch["ref_tokens"], batch["lengths"]).detach()
-    if codebooks is not None:
-        mem = fake_quant_memory(mem, codebooks)
-    per_seq, j = [], 0
-    for c in batch["counts"]:
-        per_seq.append(mem[list(range(j, j + c))])
-        j += c
-    T = batch["tokens"].shape[1]
-    n_chunks = -(-T // cfg.retrieval_interval)
-    logits = forward_with_memory_parallel(model, batch["tokens"], [per_seq] * n_chunks)
-    sel = logits[batch["rows"], batch["cols"]].float()  # [N, V]
+    counts = batch["counts"]
+    with_mem = [b for b, c in enumerate(counts) if c]
+    plain = [b for b, c in enumerate(counts) if not c]  # asked without references: the plain model, as `--mode none`
+    parts = []
+    if with_mem:
+        if memory_grad:
+            mem = encode_memory(model, batch["ref_tokens"], batch["lengths"])
+        else:
+            with torch.no_grad():
+                mem = encode_memory(model, batch["ref_tokens"], batch["lengths"]).detach()
+        if codebooks is not None:
+            mem = fake_quant_memory(mem, codebooks)
+        per_seq, j = [], 0
+        for c in counts:
+            if c:
+                per_seq.append(mem[list(range(j, j + c))])
+            j += c
+        T = batch["tokens"].shape[1]
+        n_chunks = -(-T // cfg.retrieval_interval)
+        parts.append(forward_with_memory_parallel(model, batch["tokens"][with_mem], [per_seq] * n_chunks))
+    if plain:
+        parts.append(model(batch["tokens"][plain]))
+    logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+    where = torch.empty(len(counts), dtype=torch.long, device=logits.device)
+    where[with_mem + plain] = torch.arange(len(counts), device=logits.device)
+    sel = logits[where[batch["rows"]], batch["cols"]].float()  # [N, V]
     student = torch.log_softmax(sel, dim=-1).gather(1, batch["top"])
     teacher = torch.log_softmax(batch["logp"], dim=-1)  # the top-k, renormalised
     kl = (teacher.exp() * (teacher - student)).sum()

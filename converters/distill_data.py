@@ -1,6 +1,7 @@
 """Data for memory distillation: questions, the references the student reads as memory, and the teacher's answers.
 
-    python -m converters.distill_data --model DIR --out DATA_DIR [--facts 1000] [--wiki 600] [--refs 3]
+    python -m converters.distill_data --model DIR --out DATA_DIR [--facts 1000] [--wiki 600] [--refs 3] [--brief]
+                                      [--none 0]
 
 Each item is one question with `refs` references: its gold note and the best-scoring others of the same pool
 (BM25 over words, as a bank's lexical search finds them), so the student learns to answer among distractors.
@@ -18,12 +19,19 @@ with a chat template `chat_template.ANSWER_SYSTEM`, --system to change it), so t
 will be asked in. A teacher answer that starts copying the numbered notes ("... loom. [1] In the Datairk ...") is
 cut before the number: the student never sees numbers, and the adapter distilled without this cut writes
 "[2] ..." after its answers.
+With --brief (the recipe's setting) an answer is what `ask`'s system message asks for: an opening such as "The
+answer to this question is:" is dropped and the answer ends after its first sentence (or line) with the
+end-of-turn token. Where the teacher, forced through the edited answer, would have said something else (the
+opening's first word, the next sentence instead of the end), that position's target is the edited token alone;
+everywhere else it is the teacher's distribution. With --none N, N Wikipedia questions are also asked without
+any reference (teacher and student the plain model, `ask --mode none`'s prompt), so the adapter keeps the
+model's own answers while it learns to end them.
 Made-up-facts items whose (cut) teacher answer misses the gold answer are dropped (the student should not learn a
 wrong answer); Wikipedia answers are free text and all kept unless empty (nothing to learn).
 
-DATA_DIR gets items.jsonl (per item: kind, question, answer, teacher, student ids = the prompt without
-references, answer ids = the teacher's answer tokens ending in its end-of-turn token, refs = token lists
-starting with the model's reference marker), teacher.npz (top-k ids int32 and log-probs float16, rows in item
+DATA_DIR gets items.jsonl (per item: kind (facts, wiki, or none: no references), question, answer, teacher,
+student ids = the prompt without references, answer ids = the teacher's answer tokens ending in its end-of-turn
+token, refs = token lists starting with the model's reference marker), teacher.npz (top-k ids int32 and log-probs float16, rows in item
 order, one per answer token) and meta.json (the model's fingerprint and these settings). Written atomically
 at the end; a killed run leaves nothing half-written.
 """
@@ -115,30 +123,108 @@ def cut_at_note_number(tok, answer: list[int]) -> int:
     return len(answer)
 
 
-def teacher_answer(model, eng, ids: list[int], max_new: int, top: int) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Greedy answer of the engine to `ids` and, per answer token, the top `top` token ids and log-probs."""
+_OPENING = re.compile(r"""^\s*(?:(?:the\s+)?(?:correct\s+|short\s+|final\s+)?answer(?:\s+to\s+(?:this|the|your)\s+question)?
+                          (?:\s+is)?\s*:|(?:the\s+)?(?:correct\s+|short\s+|final\s+)?answer(?:\s+to\s+(?:this|the|your)
+                          \s+question)?\s+is\s+)\s*["\u201c]?""", re.I | re.X)
+# a sentence ends at . ! ? (and a closing quote) after two lowercase letters or digits (not "Dr." or "U.S.")
+# when another sentence follows; a line ends at its newline
+_SENTENCE_END = re.compile(r"[a-z0-9)\]\"'%]{2}[.!?][\"\u201d]?(?=\s+[A-Z0-9\"'(\[])|\n")
+HARD_LOGP = -60.0  # the log-prob every other token gets in a one-token target (float16 holds it)
+
+
+def brief_span(text: str) -> tuple[int, int | None]:
+    """(start, end) of the brief answer in `text`: start after an opening such as "The answer to this question
+    is:" (0 when there is none, or nothing follows it), end after the first sentence or before the first line
+    break (None when `text` holds neither: it is one sentence, or it was cut short)."""
+    m = _OPENING.match(text)
+    start = m.end() if m and text[m.end():].strip() else 0
+    e = _SENTENCE_END.search(text, start)
+    if e is None:
+        return start, None
+    return start, (e.end() if e.group() != "\n" else e.start())
+
+
+def _top_row(logits: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    lp = np.asarray(logits, np.float64).reshape(-1)
+    lp = lp - lp.max()
+    lp = lp - np.log(np.exp(lp).sum())
+    best = np.argpartition(-lp, top)[:top]
+    best = best[np.argsort(-lp[best], kind="stable")]
+    return best.astype(np.int32), lp[best].astype(np.float16)
+
+
+def teacher_answer(model, eng, ids: list[int], max_new: int, top: int, forced: list[int] | None = None,
+                   until=None) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Greedy answer of the engine to `ids` (or the tokens `forced`, teacher-forced) and, per answer token, the
+    top `top` token ids and log-probs. `until(answer_ids)`: stop early once it returns True."""
     eos = set(model.tokenizer.eos_ids)
     eng.reset()
-    logits = np.asarray(eng.prefill(np.asarray(ids, np.int64)), np.float64).reshape(-1)
+    logits = eng.prefill(np.asarray(ids, np.int64))
     out, tops, logps = [], [], []
-    for _ in range(max_new):
-        lp = logits - logits.max()
-        lp = lp - np.log(np.exp(lp).sum())
-        best = np.argpartition(-lp, top)[:top]
-        best = best[np.argsort(-lp[best], kind="stable")]
-        tops.append(best.astype(np.int32))
-        logps.append(lp[best].astype(np.float16))
-        t = int(best[0])
+    for i in range(max_new if forced is None else len(forced)):
+        best, lp = _top_row(logits, top)
+        tops.append(best)
+        logps.append(lp)
+        t = int(best[0]) if forced is None else int(forced[i])
         out.append(t)
-        if t in eos:
+        if t in eos or (until is not None and until(out)):
             break
-        logits = np.asarray(eng.decode(t), np.float64).reshape(-1)
+        logits = eng.decode(t)
     return out, np.stack(tops), np.stack(logps)
+
+
+def hard_targets(answer: list[int], tops: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rows whose best token is not the answer's become one-token targets (the answer's token at log-prob 0, the
+    rest at HARD_LOGP; it replaces the last of the row when it is not among the top). Returns the rows and how
+    many changed."""
+    tops, lps = tops.copy(), lps.copy()
+    changed = 0
+    for i, t in enumerate(answer):
+        if int(tops[i, 0]) == t:
+            continue
+        changed += 1
+        where = np.flatnonzero(tops[i] == t)
+        j = int(where[0]) if len(where) else tops.shape[1] - 1
+        tops[i, j] = t
+        lps[i] = HARD_LOGP
+        lps[i, j] = 0.0
+    return tops, lps, changed
+
+
+def brief_answer(model, eng, ids: list[int], answer: list[int], tops: np.ndarray, lps: np.ndarray, top: int) \
+        -> tuple[list[int], np.ndarray, np.ndarray, int]:
+    """The teacher's answer made brief (`brief_span`), ending in the end-of-turn token when it ends (a first
+    sentence, a line, or the teacher's own end): its tokens, their targets (the teacher's, forced through the
+    edited answer where it changed, one-token targets where the teacher would have said otherwise) and the
+    number of one-token targets."""
+    tok = model.tokenizer
+    eos = tok.eos_ids[0]
+    ended = bool(answer) and answer[-1] in tok.eos_ids
+    text = tok.decode(answer, skip_special=True)
+    start, end = brief_span(text)
+    if start == 0 and end is None:
+        return answer, tops, lps, 0
+    body = text[start:end].strip()
+    if start and text[start - 1] in "\"\u201c":  # the opening quoted the answer: its closing quote goes too
+        body = body.rstrip("\"\u201d").rstrip()
+    new = tok.encode(body) + ([eos] if end is not None or ended else [])
+    n = len(new) - (1 if new[-1:] == [eos] else 0)
+    if new[:n] == answer[:n] and len(answer) >= len(new):  # a prefix: the teacher's rows stand
+        tops, lps = tops[:len(new)], lps[:len(new)]
+    else:
+        _, tops, lps = teacher_answer(model, eng, ids, 0, top, forced=new)
+    tops, lps, changed = hard_targets(new, tops, lps)
+    return new, tops, lps, changed
+
+
+def first_sentence_done(tok):
+    """until() for teacher_answer: True once the decoded answer holds a whole first sentence or line."""
+    return lambda ids: brief_span(tok.decode(ids, skip_special=True))[1] is not None
 
 
 def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 600, refs: int = 3,
             max_new: int = 40, top: int = 64, seed: int | None = None, teacher: str = "gold", keep_wrong: bool = False,
-            system: str | None = None, progress=print) -> dict:
+            system: str | None = None, brief: bool = False, n_none: int = 0, progress=print) -> dict:
     import m3lite
     from m3lite.evaluate import contains
 
@@ -146,25 +232,33 @@ def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 
     tok, cfg = model.tokenizer, model.config
     if tok.ref_id < 0:
         raise BadArgument(f"{model_dir}: the tokenizer has no reference marker")
-    pools = []
+    pools = []  # (reference texts, items); an item with "gold" None is asked without references
     if n_facts:
         pools.append(fact_items(n_facts, seed))
     if n_wiki:
         pools.append(wiki_items(tok, n_wiki, cfg.reference_max_tokens))
+    if n_none:
+        texts, items = wiki_items(tok, -(-n_none // 2), cfg.reference_max_tokens)
+        pools.append((texts, [dict(it, kind="none", gold=None) for it in items[:n_none]]))
     eng = model.engine("numba")
     eng.pos_offset = 0
+    until = first_sentence_done(tok) if brief else None
     rows, all_top, all_lp = [], [], []
     n_total = sum(len(p[1]) for p in pools)
-    t0, done, dropped, cut = time.perf_counter(), 0, 0, 0
+    t0, done, dropped, cut, hard = time.perf_counter(), 0, 0, 0, 0
     for texts, items in pools:
         index = _pool_index(texts)
         for it in items:
-            chosen = with_distractors(index, it["question"], it["gold"], refs)
-            ref_texts = [texts[i] for i in chosen]
+            chosen = [] if it["gold"] is None else with_distractors(index, it["question"], it["gold"], refs)
             msgs = model.answer_messages(it["question"], system)
-            shown = [texts[it["gold"]]] if teacher == "gold" else ref_texts
-            answer, tops, lps = teacher_answer(model, eng, model.prompt(msgs, shown), max_new, top)
+            shown = [] if it["gold"] is None else [texts[it["gold"]]] if teacher == "gold" else \
+                [texts[i] for i in chosen]
+            ids = model.prompt(msgs, shown) if shown else model.prompt(msgs)
+            answer, tops, lps = teacher_answer(model, eng, ids, max_new, top, until=until)
             done += 1
+            if brief:
+                answer, tops, lps, h = brief_answer(model, eng, ids, answer, tops, lps, top)
+                hard += h
             n = cut_at_note_number(tok, answer)
             if n < len(answer):
                 cut += 1
@@ -174,15 +268,16 @@ def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 
                 dropped += 1
             else:
                 rows.append({"kind": it["kind"], "question": it["question"], "answer": it["answer"],
-                             "teacher": text, "gold": chosen.index(it["gold"]),
+                             "teacher": text, "gold": None if it["gold"] is None else chosen.index(it["gold"]),
                              "student": model.prompt(msgs), "answer_ids": answer,
-                             "refs": [reference_ids(tok, t, cfg.reference_max_tokens) for t in ref_texts]})
+                             "refs": [reference_ids(tok, texts[i], cfg.reference_max_tokens) for i in chosen]})
                 all_top.append(tops)
                 all_lp.append(lps)
             if done % 50 == 0 or done == n_total:
                 rate = done / (time.perf_counter() - t0)
                 progress(f"teacher answers {done}/{n_total} ({rate:.1f}/s, kept {len(rows)}, "
-                         f"{dropped} wrong or empty dropped, {cut} cut at a note number)")
+                         f"{dropped} wrong or empty dropped, {cut} cut at a note number"
+                         f"{f', {hard} one-token targets' if brief else ''})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -190,6 +285,7 @@ def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 
     meta = {"format": DATA_FORMAT, "version": DATA_VERSION, "model": str(model_dir),
             "fingerprint": model.fingerprint, "weights_sha256": model.files.manifest["weights"]["sha256"],
             "teacher": teacher, "items": len(rows), "facts_entities": n_facts, "wiki_articles": n_wiki,
+            "none_questions": n_none, "brief": brief, "one_token_targets": hard,
             "refs": refs, "max_new": max_new, "top": top, "dropped": dropped, "cut": cut, "seed": seed,
             "system": model.system_message(system),
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -230,14 +326,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="made-up-facts seed (default the train split's)")
     p.add_argument("--teacher", choices=("gold", "all"), default="gold",
                    help="what the RAG teacher reads: the gold reference (default) or all the student's references")
+    p.add_argument("--brief", action="store_true", help="answers without an opening such as 'The answer to this "
+                   "question is:', ending after their first sentence or line with the end-of-turn token")
+    p.add_argument("--none", type=int, default=0, help="Wikipedia questions also asked without references (the "
+                   "plain model's own answers, made brief with --brief)")
     p.add_argument("--system", help="the system message of teacher and student (default the one the runtime answers "
                    "with, chat_template.ANSWER_SYSTEM, for a model with a chat template; '' the template's own)")
     a = p.parse_args(argv)
     try:
-        if a.refs < 1 or a.top < 1 or a.max_new < 1 or a.facts < 0 or a.wiki < 0 or not (a.facts or a.wiki):
-            raise BadArgument("--refs, --top, --max-new must be positive and --facts or --wiki nonzero")
+        if a.refs < 1 or a.top < 1 or a.max_new < 1 or min(a.facts, a.wiki, a.none) < 0 or not (a.facts or a.wiki):
+            raise BadArgument("--refs, --top, --max-new must be positive, --none not negative and --facts or --wiki "
+                              "nonzero")
         meta = prepare(a.model, a.out, a.facts, a.wiki, a.refs, a.max_new, a.top, a.seed, a.teacher,
-                       system=a.system, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                       system=a.system, brief=a.brief, n_none=a.none,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True))
     except M3Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,8 @@ from llama_files import write_hf  # noqa: E402
 import m3lite  # noqa: E402
 from converters import train as T  # noqa: E402
 from converters.distill import Items, base_model, kl_sum  # noqa: E402
-from converters.distill_data import cut_at_note_number, load, prepare  # noqa: E402
+from converters.distill_data import (HARD_LOGP, ITEMS, META, TEACHER, brief_answer, brief_span,  # noqa: E402
+                                     cut_at_note_number, load, prepare, teacher_answer)
 from converters.lora import add_lora, lora_modules, merge_lora, save_adapter  # noqa: E402
 from converters.model import Memory, encode_memory, forward_with_memory  # noqa: E402
 from m3lite.adapter import AdapterError, read_adapter  # noqa: E402
@@ -207,6 +208,84 @@ def test_teacher_answer_cut_before_a_note_number(imported):
                        ("No numbers [x] here", "No numbers [x] here"), ("A [12]", "A"), ("", "")]:
         ids = tok.encode(text)
         assert tok.decode(ids[:cut_at_note_number(tok, ids)]).strip() == kept
+
+
+def test_brief_span_drops_the_opening_and_ends_after_the_first_sentence():
+    for text, kept in [("The answer to this question is: \"Paris is the capital.\" More", 'Paris is the capital."'),
+                       ("Paris is big. It is old.", "Paris is big."),
+                       ("The answer is 42.", "42."),
+                       ("Answer: The loom\nNext", "The loom"),
+                       ("Dr. Smith lives in the U.S. and", "Dr. Smith lives in the U.S. and"),
+                       ("The answer to this question is", "The answer to this question is"),
+                       ("The answer lies in the hills. Yes", "The answer lies in the hills.")]:
+        start, end = brief_span(text)
+        assert text[start:end] == kept, text
+    assert brief_span("One sentence only.") == (0, None) and brief_span("Cut sho") == (0, None)
+
+
+def _check_targets(new, tops, lps, forced_tops, forced_lps):
+    """Each row is the teacher's forced row where its best token is the answer's, else a one-token target."""
+    hard = 0
+    for i, t in enumerate(new):
+        if forced_tops[i, 0] == t:
+            np.testing.assert_array_equal(tops[i], forced_tops[i])
+            np.testing.assert_array_equal(lps[i], forced_lps[i])
+        else:
+            hard += 1
+            j = int(np.flatnonzero(tops[i] == t)[0])
+            assert lps[i, j] == 0 and np.all(np.delete(lps[i], j) == np.float16(HARD_LOGP))
+    return hard
+
+
+def test_brief_answer_forces_the_teacher_through_the_edited_answer(imported):
+    model = m3lite.load(imported / "m")
+    tok, eng = model.tokenizer, model.engine("numba")
+    eng.pos_offset = 0
+    eos = tok.eos_ids[0]
+    ids = model.prompt(model.answer_messages("Where is the tower?"))
+    brief = tok.encode("Paris is big.") + [eos]
+    for said in ("The answer to this question is: Paris is big. It is", "Paris is big. It is"):
+        answer = tok.encode(said)
+        _, tops, lps = teacher_answer(model, eng, ids, 0, 8, forced=answer)
+        new, t2, l2, n_hard = brief_answer(model, eng, ids, answer, tops, lps, 8)
+        assert new == brief and len(t2) == len(l2) == len(new)
+        _, ft, fl = teacher_answer(model, eng, ids, 0, 8, forced=new)
+        assert _check_targets(new, t2, l2, ft, fl) == n_hard >= 1  # a random model does not end there itself
+    # an answer that is already brief stays as the teacher said it
+    answer = tok.encode("Paris is big.") + [eos]
+    _, tops, lps = teacher_answer(model, eng, ids, 0, 8, forced=answer)
+    new, t2, l2, n_hard = brief_answer(model, eng, ids, answer, tops, lps, 8)
+    assert new == answer and n_hard == 0 and np.array_equal(t2, tops)
+
+
+def test_an_item_without_references_is_the_plain_model(imported, distill_data, tmp_path):
+    """A question asked without references (--none) trains the plain model, as `ask --mode none` runs it, beside
+    memory items in the same batch."""
+    meta, items, offsets, top, logp = load(distill_data)
+    items[1] = dict(items[1], kind="none", gold=None, refs=[])
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / ITEMS).write_text("".join(json.dumps(it) + "\n" for it in items))
+    for name in (TEACHER, META):
+        (d / name).write_bytes((distill_data / name).read_bytes())
+    model, files, _ = base_model(imported / "m", T)
+    data = Items(str(d), files, T)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        kl_both, n_both = kl_sum(model, data.batch(np.array([0, 1]), model, cpu), False)
+        kl0, n0 = kl_sum(model, data.batch(np.array([0]), model, cpu), False)
+        kl1, n1 = kl_sum(model, data.batch(np.array([1]), model, cpu), False)
+        it = data.items[1]
+        x = it["student"] + it["answer_ids"][:-1]
+        logits = model(torch.tensor([x]))[0]
+        start, n = len(it["student"]) - 1, len(it["answer_ids"])
+        student = torch.log_softmax(logits[start:start + n].float(), -1).gather(
+            1, torch.from_numpy(top[offsets[1]:offsets[2]].astype(np.int64)))
+        teacher = torch.log_softmax(torch.from_numpy(logp[offsets[1]:offsets[2]].astype(np.float32)), -1)
+        by_hand = float((teacher.exp() * (teacher - student)).sum())
+    assert n_both == n0 + n1
+    assert abs(float(kl_both) - float(kl0 + kl1)) <= TOL * max(1.0, abs(float(kl_both)))
+    assert abs(float(kl1) - by_hand) <= TOL * max(1.0, abs(by_hand))
 
 
 def test_distill_needs_matching_data(imported, distill_data, tmp_path):

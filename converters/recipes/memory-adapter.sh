@@ -17,10 +17,11 @@ GGUF="$(python -c 'from m3lite.pull import checkpoint; print(checkpoint())')"
 # 1. the base model with the memory settings to adapt
 [ -f "$RUNS/base/config.json" ] || m3lite import "$GGUF" --out "$RUNS/base" --memory-layers "$LAYERS" \
   --memory-tokens "$TOKENS" --weights int8
-# 2. questions, 3 references each (gold + 2 BM25 distractors), the teacher's answers (gold note in the prompt);
-#    ~1,000 made-up-fact and ~600 Wikipedia questions kept, ~15 min
+# 2. questions, 3 references each (gold + 2 BM25 distractors), the teacher's answers (gold note in the prompt),
+#    brief (no "The answer to this question is:", one sentence, then the end of the turn); ~1,000 made-up-fact
+#    and ~600 Wikipedia questions kept, and 300 Wikipedia questions asked without references, ~20 min
 [ -f "$RUNS/data/meta.json" ] || python -m converters.distill_data --model "$RUNS/base" --out "$RUNS/data" \
-  --facts 700 --wiki 300 --refs 3 --max-new 32
+  --facts 700 --wiki 300 --none 300 --refs 3 --max-new 48 --brief
 # 3. LoRA rank 16 on every linear weight of every layer, KL to the teacher on its answer tokens (62-68 min);
 #    the adapted model reads one reference per retrieval (it answers best so: see the model card)
 if [ -f "$RUNS/distill/run.json" ]; then
