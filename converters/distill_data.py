@@ -13,7 +13,8 @@ The teacher is the same model in RAG mode, run by m3lite's own engine: reference
 (`Model.prompt(messages, texts)`), greedy, up to --max-new tokens. By default (--teacher gold) it reads the gold
 reference only: with the two distractors in its prompt SmolLM2-135M got 58% of the first 50 made-up facts of the
 train split right, with the gold note alone 67% of all 1,400; the student, who reads all of them as memory,
-should learn the better answer. At every answer position the teacher's top --top log-probabilities are kept; the trainer's KL needs nothing else from it, so the teacher never runs again.
+should learn the better answer. At every answer position the teacher's top --top log-probabilities are kept;
+the trainer's KL needs nothing else from it, so the teacher never runs again.
 Teacher and student share the system message the runtime answers with (`Model.system_message`: for a model
 with a chat template `chat_template.ANSWER_SYSTEM`, --system to change it), so the adapter learns the prompt it
 will be asked in. A teacher answer that starts copying the numbered notes ("... loom. [1] In the Datairk ...") is
@@ -31,9 +32,9 @@ wrong answer); Wikipedia answers are free text and all kept unless empty (nothin
 
 DATA_DIR gets items.jsonl (per item: kind (facts, wiki, or none: no references), question, answer, teacher,
 student ids = the prompt without references, answer ids = the teacher's answer tokens ending in its end-of-turn
-token, refs = token lists starting with the model's reference marker), teacher.npz (top-k ids int32 and log-probs float16, rows in item
-order, one per answer token) and meta.json (the model's fingerprint and these settings). Written atomically
-at the end; a killed run leaves nothing half-written.
+token, refs = token lists starting with the model's reference marker), teacher.npz (top-k ids int32 and
+log-probs float16, rows in item order, one per answer token) and meta.json (the model's fingerprint and these
+settings). Written atomically at the end; a killed run leaves nothing half-written.
 """
 from __future__ import annotations
 
@@ -123,9 +124,9 @@ def cut_at_note_number(tok, answer: list[int]) -> int:
     return len(answer)
 
 
-_OPENING = re.compile(r"""^\s*(?:(?:the\s+)?(?:correct\s+|short\s+|final\s+)?answer(?:\s+to\s+(?:this|the|your)\s+question)?
-                          (?:\s+is)?\s*:|(?:the\s+)?(?:correct\s+|short\s+|final\s+)?answer(?:\s+to\s+(?:this|the|your)
-                          \s+question)?\s+is\s+)\s*["\u201c]?""", re.I | re.X)
+# "The answer to this question is:", "Answer:", "The correct answer is" ... and an opening quote after it
+_ANSWER = r"(?:the\s+)?(?:correct\s+|short\s+|final\s+)?answer(?:\s+to\s+(?:this|the|your)\s+question)?"
+_OPENING = re.compile(rf"""^\s*(?:{_ANSWER}(?:\s+is)?\s*:|{_ANSWER}\s+is\s+)\s*["\u201c]?""", re.I)
 # a sentence ends at . ! ? (and a closing quote) after two lowercase letters or digits (not "Dr." or "U.S.")
 # when another sentence follows; a line ends at its newline
 _SENTENCE_END = re.compile(r"[a-z0-9)\]\"'%]{2}[.!?][\"\u201d]?(?=\s+[A-Z0-9\"'(\[])|\n")
@@ -328,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="what the RAG teacher reads: the gold reference (default) or all the student's references")
     p.add_argument("--brief", action="store_true", help="answers without an opening such as 'The answer to this "
                    "question is:', ending after their first sentence or line with the end-of-turn token")
-    p.add_argument("--none", type=int, default=0, help="Wikipedia questions also asked without references (the "
-                   "plain model's own answers, made brief with --brief)")
+    p.add_argument("--none", type=int, default=0, metavar="N", help="Wikipedia questions also asked without "
+                   "references (the plain model's own answers, made brief with --brief)")
     p.add_argument("--system", help="the system message of teacher and student (default the one the runtime answers "
                    "with, chat_template.ANSWER_SYSTEM, for a model with a chat template; '' the template's own)")
     a = p.parse_args(argv)
