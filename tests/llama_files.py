@@ -256,3 +256,19 @@ def gguf_as_transformers(path):
     if "lm_head.weight" not in state:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF: $M3LITE_TEST_GGUF, else the checked checkpoint `m3lite pull` keeps in
+    the cache (CI pulls the default model before the tests); skips the test when neither is there (nothing is
+    downloaded: `pytest -m slow` pulls it)."""
+    import os
+
+    import pytest
+
+    from m3lite.pull import checkpoint_path
+
+    p = Path(os.environ.get("M3LITE_TEST_GGUF") or checkpoint_path())
+    if not p.is_file():
+        pytest.skip(f"no SmolLM2 GGUF at {p} (run `m3lite pull`, or set M3LITE_TEST_GGUF)")
+    return p

