@@ -69,3 +69,22 @@ def test_no_import_cycles():
             visit(m)
     assert not cycles, cycles
     assert "m3lite.cli" in g and "m3lite.bank.reader" in g["m3lite.memory"] | g["m3lite.bank"]  # the walk sees
+
+
+def test_answering_does_not_import_onnx(tiny_model_dir):
+    """onnx (and ml_dtypes under it) take ~1 s to import: `chat` and `ask` must reach their prompt without it.
+    Checking the shipped adapter (what `m3lite pull` does on every start), loading a model and generating run in
+    a fresh interpreter that must not have imported onnx."""
+    import subprocess
+    import sys
+
+    model = tiny_model_dir()
+    code = ("import sys\n"
+            "from m3lite import cli, chat_cli, adapter\n"
+            "from m3lite.pull import adapter_path\n"
+            "adapter.read_meta(adapter_path('smollm2-135m-memory'))\n"
+            "from m3lite.model import Model\n"
+            f"Model.load({str(model)!r}).generate('hello', max_new_tokens=2)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'ml_dtypes', 'torch')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

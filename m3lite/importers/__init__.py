@@ -17,7 +17,6 @@ from typing import Any
 from ..errors import BadArgument, ModelFileError
 from ..modelfile import (CONFIG_FILE, ModelFiles, atomic_write_bytes, fingerprint, sha256_file, write_manifest,
                          write_weights)
-from ..onnx_graph import write_graph
 from .checkpoint import Checkpoint, CheckpointError
 
 IMPORT_WEIGHTS = ("int8", "fp16", "fp32")
@@ -127,6 +126,8 @@ def import_model(src: str | os.PathLike, out: str | os.PathLike, weights: str = 
                  "chat_template": ck.chat_template}
         if ad is not None:
             extra["adapter"] = ad.info()
+        from ..onnx_graph import write_graph  # onnx takes ~1 s to import: only an import needs it
+
         write_graph(tmp, cfg, index, fingerprint(cfg, index["sha256"], sha256_file(tok_path)))
         fp = write_manifest(tmp, cfg, index, extra=extra, tokenizer_file=TOKENIZER_JSON, tokenizer_meta=tok_meta)
         files = ModelFiles.open(tmp, verify=False)
