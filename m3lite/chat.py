@@ -128,7 +128,7 @@ class Chat:
         for k in ("max_new_tokens", "top_k"):
             if isinstance(d[k], bool) or not isinstance(d[k], (int, np.integer)):
                 raise BadArgument(f"{k} must be an integer")
-        p = SamplingParams(stop=stop, loop_guard=self.loop_guard, **d)
+        p = SamplingParams(stop=stop, loop_guard=self.loop_guard, finish_lead_in=ANSWER.finish_lead_in, **d)
         p.validate()
         return p
 

@@ -135,6 +135,9 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
         if cancel is not None and cancel():
             result.finish_reason = "cancelled"
             break
+        if p.finish_lead_in and eos and out.rstrip().endswith(":"):
+            logits = logits.copy()
+            logits[list(eos)] = -np.inf
         token = int(sample(logits, p.temperature, p.top_k, p.top_p, p.repetition_penalty, recent,
                            min(n_recent, len(recent)), rng.random()))
         if i == 0:

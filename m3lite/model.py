@@ -239,7 +239,8 @@ class Model:
         question = check_question(question)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty, seed=seed,
-                                stop=self.stop_strings + tuple(stop), loop_guard=loop_guard)
+                                stop=self.stop_strings + tuple(stop), loop_guard=loop_guard,
+                                finish_lead_in=ANSWER.finish_lead_in)
         params.validate()
         msgs = self.answer_messages(question, system)
         self.engine(backend)

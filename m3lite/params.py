@@ -22,6 +22,9 @@ class SamplingParams:
     # stop when the last `loop_guard` tokens were already written earlier in the answer: a small model's loop,
     # of a few tokens ("1.1.1.1...") or of a sentence over and over (generate.repeat_period); 0: never
     loop_guard: int = 0
+    # an answer's lead-in ("The answer to this question is:") does not end it: while the text so far ends with a
+    # colon the end-of-turn tokens are not sampled (a small model sometimes stops right there, answering nothing)
+    finish_lead_in: bool = False
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
@@ -43,7 +46,8 @@ class SamplingParams:
 DEFAULTS = SamplingParams()  # generating text (`generate`, the server): sampled, with a repetition penalty
 # answering a question (`ask`, `chat`, the Chat API): greedy, no repetition penalty, as `m3lite eval` measures
 # and an answer that falls into a loop stops (m3lite.generate)
-ANSWER = SamplingParams(max_new_tokens=256, temperature=0.0, repetition_penalty=1.0, loop_guard=32)
+ANSWER = SamplingParams(max_new_tokens=256, temperature=0.0, repetition_penalty=1.0, loop_guard=32,
+                        finish_lead_in=True)
 # `m3lite eval`'s answers: the gold answers are one phrase or sentence (95% of first sentences within 58 tokens)
 EVAL_MAX_TOKENS = 64
 LOOP_PERIOD = 8  # a loop of at most this many tokens is "the same few tokens over and over" in its note

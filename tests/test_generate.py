@@ -116,3 +116,47 @@ def test_tokenizer_specials(model):
     assert not set(ids) & {1, 2, 3, 4}
     for s in ("plain ASCII, with punctuation!", "accentué: çà et là, Ñandú", "中文字符和日本語のテキスト"):
         assert tok.decode(tok.encode(s)) == s
+
+
+class _ScriptedEngine:
+    """An engine whose next-token logits follow a script: each step's favourite token, then the runner-up."""
+
+    def __init__(self, vocab: int, script: list[tuple[int, int]]):
+        self.V, self.script, self.step, self.n_past, self.max_ctx = vocab, script, 0, 0, 1000
+
+    def fit_threads(self) -> int:
+        return 1
+
+    def _logits(self) -> np.ndarray:
+        best, second = self.script[min(self.step, len(self.script) - 1)]
+        self.step += 1
+        out = np.zeros(self.V, np.float32)
+        out[best], out[second] = 2.0, 1.0
+        return out
+
+    def prefill(self, ids):
+        self.n_past += len(ids)
+        return self._logits()
+
+    def decode(self, token):
+        self.n_past += 1
+        return self._logits()
+
+
+@pytest.mark.parametrize("finish", [False, True])
+def test_a_lead_in_does_not_end_the_answer(model, finish):
+    """A model that would end its turn right after "...is:" goes on with its next best token when the answer
+    finishes lead-ins (`ask` and `chat` do), and ends there when it does not (plain generation)."""
+    from m3lite.generate import GenerationResult, stream
+    from m3lite.params import ANSWER, SamplingParams
+
+    assert ANSWER.finish_lead_in
+    tok = model.tokenizer
+    lead, word = tok.encode("is:"), tok.encode(" yes")
+    eos = tok.eos_ids[0]
+    script = [(t, eos) for t in lead] + [(eos, word[0])] + [(t, eos) for t in word[1:]] + [(eos, eos)]
+    p = SamplingParams(max_new_tokens=20, temperature=0.0, repetition_penalty=1.0, finish_lead_in=finish)
+    result = GenerationResult()
+    text = "".join(stream(_ScriptedEngine(model.config.vocab_size, script), tok, [1, 2], p, result))
+    assert text == (tok.decode(lead + word) if finish else "is:") and text.startswith("is:")
+    assert result.finish_reason == "stop"
