@@ -58,12 +58,20 @@ class Adapter:
         return float(self.meta["alpha"]) / int(self.meta["rank"])
 
     def delta(self, kind: str, layer: int) -> np.ndarray | None:
-        """The float32 update of layer `layer`'s `kind` weight, or None when the adapter leaves it alone."""
+        """The float32 update of layer `layer`'s `kind` weight, or None when the adapter leaves it alone.
+
+        The same bits on every CPU: a BLAS product sums in an order of its own (AVX-512 and AVX2 kernels differ),
+        and a last-bit change here can flip a float16 rounding of the merged weight, so the same adapter pulled
+        on two machines got two fingerprints and each refused the other's banks. The rank-1 terms are added
+        one after another instead, elementwise in float64 (a product of two float32 values is exact there)."""
         pair = self.pairs.get((kind, layer))
         if pair is None:
             return None
-        a, b = pair
-        return (b @ a) * np.float32(self.scale)
+        a, b = (np.asarray(x, np.float64) for x in pair)
+        acc = np.zeros((b.shape[0], a.shape[1]), np.float64)
+        for r in range(a.shape[0]):
+            acc += b[:, r, None] * a[None, r, :]
+        return (acc * self.scale).astype(np.float32)
 
     def check(self, cfg: ModelConfig) -> None:
         """Refuse a model whose shape is not the adapter's base."""
