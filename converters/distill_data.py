@@ -22,7 +22,9 @@ cut before the number: the student never sees numbers, and the adapter distilled
 "[2] ..." after its answers.
 With --brief (the recipe's setting) an answer is what `ask`'s system message asks for: an opening such as "The
 answer to this question is:" is dropped and the answer ends after its first sentence (or line) with the
-end-of-turn token. Where the teacher, forced through the edited answer, would have said something else (the
+end-of-turn token; a made-up fact's answer ends after the sentence that holds the fact instead (the brief adapter
+of 2026-12-01, cut after the first sentence, learned to stop before the fact: "The Agech bell is a tool for
+warning boats of fog." where the question asked its weight). Where the teacher, forced through the edited answer, would have said something else (the
 opening's first word, the next sentence instead of the end), that position's target is the edited token alone;
 everywhere else it is the teacher's distribution. With --none N, N Wikipedia questions are also asked without
 any reference (teacher and student the plain model, `ask --mode none`'s prompt), so the adapter keeps the
@@ -133,12 +135,21 @@ _SENTENCE_END = re.compile(r"[a-z0-9)\]\"'%]{2}[.!?][\"\u201d]?(?=\s+[A-Z0-9\"'(
 HARD_LOGP = -60.0  # the log-prob every other token gets in a one-token target (float16 holds it)
 
 
-def brief_span(text: str) -> tuple[int, int | None]:
+def brief_span(text: str, fact: str | None = None) -> tuple[int, int | None]:
     """(start, end) of the brief answer in `text`: start after an opening such as "The answer to this question
     is:" (0 when there is none, or nothing follows it), end after the first sentence or before the first line
-    break (None when `text` holds neither: it is one sentence, or it was cut short)."""
+    break (None when `text` holds neither: it is one sentence, or it was cut short). With `fact` (a made-up
+    fact's gold answer) the answer ends after the sentence that holds it, not before it (end None while `text`
+    does not hold it yet): the student must not learn to stop one sentence short of the fact."""
     m = _OPENING.match(text)
     start = m.end() if m and text[m.end():].strip() else 0
+    if fact:
+        at = text.lower().find(fact.lower().strip(), start)
+        if at < 0:
+            return start, None
+        start_end = max(start, at + len(fact.strip()) - 2)  # the end pattern reads two characters before a period
+        e = _SENTENCE_END.search(text, start_end)
+        return start, None if e is None else (e.end() if e.group() != "\n" else e.start())
     e = _SENTENCE_END.search(text, start)
     if e is None:
         return start, None
@@ -192,17 +203,19 @@ def hard_targets(answer: list[int], tops: np.ndarray, lps: np.ndarray) -> tuple[
     return tops, lps, changed
 
 
-def brief_answer(model, eng, ids: list[int], answer: list[int], tops: np.ndarray, lps: np.ndarray, top: int) \
-        -> tuple[list[int], np.ndarray, np.ndarray, int]:
+def brief_answer(model, eng, ids: list[int], answer: list[int], tops: np.ndarray, lps: np.ndarray, top: int,
+                 fact: str | None = None) -> tuple[list[int], np.ndarray, np.ndarray, int]:
     """The teacher's answer made brief (`brief_span`), ending in the end-of-turn token when it ends (a first
     sentence, a line, or the teacher's own end): its tokens, their targets (the teacher's, forced through the
     edited answer where it changed, one-token targets where the teacher would have said otherwise) and the
-    number of one-token targets."""
+    number of one-token targets. `fact`: up to the sentence that holds it (`brief_span`)."""
     tok = model.tokenizer
     eos = tok.eos_ids[0]
     ended = bool(answer) and answer[-1] in tok.eos_ids
     text = tok.decode(answer, skip_special=True)
-    start, end = brief_span(text)
+    if fact and fact.lower().strip() not in text.lower():
+        fact = None  # the teacher never said it (the item is dropped unless a looser match finds it)
+    start, end = brief_span(text, fact)
     if start == 0 and end is None:
         return answer, tops, lps, 0
     body = text[start:end].strip()
@@ -218,9 +231,10 @@ def brief_answer(model, eng, ids: list[int], answer: list[int], tops: np.ndarray
     return new, tops, lps, changed
 
 
-def first_sentence_done(tok):
-    """until() for teacher_answer: True once the decoded answer holds a whole first sentence or line."""
-    return lambda ids: brief_span(tok.decode(ids, skip_special=True))[1] is not None
+def first_sentence_done(tok, fact: str | None = None):
+    """until() for teacher_answer: True once the decoded answer holds a whole first sentence or line (with
+    `fact`: the whole sentence that holds it)."""
+    return lambda ids: brief_span(tok.decode(ids, skip_special=True), fact)[1] is not None
 
 
 def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 600, refs: int = 3,
@@ -243,7 +257,6 @@ def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 
         pools.append((texts, [dict(it, kind="none", gold=None) for it in items[:n_none]]))
     eng = model.engine("numba")
     eng.pos_offset = 0
-    until = first_sentence_done(tok) if brief else None
     rows, all_top, all_lp = [], [], []
     n_total = sum(len(p[1]) for p in pools)
     t0, done, dropped, cut, hard = time.perf_counter(), 0, 0, 0, 0
@@ -255,10 +268,12 @@ def prepare(model_dir: str, out: str | Path, n_facts: int = 1000, n_wiki: int = 
             shown = [] if it["gold"] is None else [texts[it["gold"]]] if teacher == "gold" else \
                 [texts[i] for i in chosen]
             ids = model.prompt(msgs, shown) if shown else model.prompt(msgs)
+            fact = it["answer"] if it["kind"] == "facts" else None
+            until = first_sentence_done(tok, fact) if brief else None
             answer, tops, lps = teacher_answer(model, eng, ids, max_new, top, until=until)
             done += 1
             if brief:
-                answer, tops, lps, h = brief_answer(model, eng, ids, answer, tops, lps, top)
+                answer, tops, lps, h = brief_answer(model, eng, ids, answer, tops, lps, top, fact)
                 hard += h
             n = cut_at_note_number(tok, answer)
             if n < len(answer):

@@ -223,6 +223,18 @@ def test_brief_span_drops_the_opening_and_ends_after_the_first_sentence():
     assert brief_span("One sentence only.") == (0, None) and brief_span("Cut sho") == (0, None)
 
 
+def test_brief_span_keeps_the_sentence_that_holds_the_fact():
+    """A made-up fact's answer ends after the sentence holding the fact, however late; None until it is there."""
+    text = "The answer to this question is: The Agech bell warns boats of fog. It weighs 222 kilograms. It is old."
+    start, end = brief_span(text, "222 kilograms")
+    assert text[start:end] == "The Agech bell warns boats of fog. It weighs 222 kilograms."
+    assert brief_span(text, "fog")[1] == brief_span(text)[1]  # in the first sentence: as without a fact
+    for partial in ("The bell warns of fog. It weighs", "The bell warns of fog. It weighs 222 kilograms"):
+        assert brief_span(partial, "222 kilograms")[1] is None
+    text = "Penmoor was founded in 1478. More"
+    assert text[slice(*brief_span(text, "1478"))] == "Penmoor was founded in 1478."
+
+
 def _check_targets(new, tops, lps, forced_tops, forced_lps):
     """Each row is the teacher's forced row where its best token is the answer's, else a one-token target."""
     hard = 0
@@ -251,6 +263,11 @@ def test_brief_answer_forces_the_teacher_through_the_edited_answer(imported):
         assert new == brief and len(t2) == len(l2) == len(new)
         _, ft, fl = teacher_answer(model, eng, ids, 0, 8, forced=new)
         assert _check_targets(new, t2, l2, ft, fl) == n_hard >= 1  # a random model does not end there itself
+    # a made-up fact's answer keeps the sentence that holds the fact
+    answer = tok.encode("Paris is big. It is 300 metres tall. It is old.")
+    _, tops, lps = teacher_answer(model, eng, ids, 0, 8, forced=answer)
+    new, t2, l2, _ = brief_answer(model, eng, ids, answer, tops, lps, 8, fact="300 metres")
+    assert new == tok.encode("Paris is big. It is 300 metres tall.") + [eos] and len(t2) == len(new)
     # an answer that is already brief stays as the teacher said it
     answer = tok.encode("Paris is big.") + [eos]
     _, tops, lps = teacher_answer(model, eng, ids, 0, 8, forced=answer)
