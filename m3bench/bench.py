@@ -71,14 +71,19 @@ class Unavailable(Exception):
 # ------------------------------------------------------------------------------------------------ the run
 
 def run_bench(model: str | os.PathLike | None = None, preset: str | None = None, repeats: int = 3,
-              progress: Callable[[int, int, str], None] | None = None, under_load: bool = False) -> dict[str, Any]:
+              progress: Callable[[int, int, str], None] | None = None, under_load: bool = False,
+              rounds: int = 1) -> dict[str, Any]:
     """Run every row and return the results (see the module docstring). `model` is a model directory; `preset`
     makes (once, in the cache) a random model of that preset instead. `under_load`: the mode-none rows run
-    again while a busy process started by the bench holds one core (`under_load` in the result compares)."""
+    again while a busy process started by the bench holds one core (`under_load` in the result compares).
+    `rounds`: every row runs that many times in turn, and each figure and ratio is the median over the rounds
+    (`_merge_rounds`), so that a machine whose speed drifts over minutes moves a row and its reference alike."""
     if (model is None) == (preset is None):
         raise BadArgument("give either a model directory (--model) or a preset (--preset)")
     if repeats < 1:
         raise BadArgument(f"repeats must be >= 1, got {repeats}")
+    if rounds < 1:
+        raise BadArgument(f"rounds must be >= 1, got {rounds}")
     from m3lite.config import PRESETS
     from m3lite.modelfile import ModelFiles, cache_dir
 
@@ -94,7 +99,7 @@ def run_bench(model: str | os.PathLike | None = None, preset: str | None = None,
     root = cache_dir() / "bench"
     load_before = _loadavg()
     plan = [(row, None) for row in ROWS] + ([(row, LOAD) for row in LOAD_ROWS] if under_load else [])
-    total = len(plan) + 2
+    total = len(plan) * rounds + 2
     step = _Steps(progress, total)
     with tempfile.TemporaryDirectory(prefix="m3lite-bench-") as tmp:
         step("preparing the model, bank and GGUF files")
@@ -106,32 +111,38 @@ def run_bench(model: str | os.PathLike | None = None, preset: str | None = None,
         bandwidth = copy_bandwidth()
         common = {"model": setup["model"], "prompt": setup["prompt"], "new_tokens": NEW_TOKENS, "repeats": repeats,
                   "bank": setup["bank"]}
-        rows = []
-        for (runtime, precision, mode), load in plan:
-            step(f"{runtime} {precision} {mode}" + (f" under load ({load})" if load else ""))
-            spec = dict(common, task="row", runtime=runtime, precision=precision, mode=mode,
-                        gguf=setup["gguf"].get(precision))
-            row = {"runtime": runtime, "precision": precision, "mode": mode, "load": load or "quiet",
-                   "format": FORMAT.get((runtime, precision), f"m3lite {precision}")}
-            skip = _skip_reason(runtime, precision, setup)
-            if skip is None and load:
-                with BusyCore():
-                    skip = _worker(spec, Path(tmp))
-            row.update(skip or _worker(spec, Path(tmp)))
-            rows.append(row)
+        per_round = []
+        for rnd in range(rounds):
+            rows = []
+            for (runtime, precision, mode), load in plan:
+                step(f"{runtime} {precision} {mode}" + (f" under load ({load})" if load else "")
+                     + (f", round {rnd + 1} of {rounds}" if rounds > 1 else ""))
+                spec = dict(common, task="row", runtime=runtime, precision=precision, mode=mode,
+                            gguf=setup["gguf"].get(precision))
+                row = {"runtime": runtime, "precision": precision, "mode": mode, "load": load or "quiet",
+                       "format": FORMAT.get((runtime, precision), f"m3lite {precision}")}
+                skip = _skip_reason(runtime, precision, setup)
+                if skip is None and load:
+                    with BusyCore():
+                        skip = _worker(spec, Path(tmp))
+                row.update(skip or _worker(spec, Path(tmp)))
+                rows.append(row)
+            per_round.append(rows)
         step(None)
     cfg = setup["config"]
-    for row in rows:
-        _add_roofline(row, cfg, bandwidth)
-    baseline = _add_ratios([r for r in rows if r["load"] == "quiet"])
-    if under_load:
-        _add_ratios([r for r in rows if r["load"] != "quiet"])
+    for rows in per_round:
+        for row in rows:
+            _add_roofline(row, cfg, bandwidth)
+        baseline = _add_ratios([r for r in rows if r["load"] == "quiet"])
+        if under_load:
+            _add_ratios([r for r in rows if r["load"] != "quiet"])
+    rows = _merge_rounds(per_round)
     return {
         "model": {k: setup[k] for k in ("model", "name", "params", "fingerprint", "disk_bytes")} | {"preset": preset},
         "machine": machine_info() | {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 2),
                                      "load_average_before": load_before, "load_average_after": _loadavg()},
         "settings": {"prompt_tokens": len(setup["prompt"]), "new_tokens": NEW_TOKENS, "batch": 1,
-                     "repeats": repeats, "statistic": "median", "sampling": "greedy",
+                     "repeats": repeats, "rounds": rounds, "statistic": "median", "sampling": "greedy",
                      "bank_references": setup["bank_references"]},
         "baseline": baseline,
         "rows": rows,
@@ -311,6 +322,38 @@ def _add_ratios(rows: list[dict]) -> str:
     return " and ".join(sorted(used)) if used else "none"
 
 
+ROUND_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "bandwidth_fraction")
+
+
+def _merge_rounds(per_round: list[list[dict]]) -> list[dict]:
+    """One row per plan entry from the rounds' rows (each round runs the same plan, ratios already added per
+    round): speeds, TTFT and bandwidth share the median over the rounds that ran, peak RSS the largest, each
+    ratio the median of the rounds' ratios (a row against its reference of the same round); `rounds` lists
+    the per-round figures. A row that no round ran is the first round's (skipped or failed)."""
+    if len(per_round) == 1:
+        return per_round[0]
+    out = []
+    for rs in zip(*per_round):
+        ok = [r for r in rs if r.get("status") == "ok"]
+        if not ok:
+            out.append(rs[0])
+            continue
+        row = dict(ok[0])
+        for k in ROUND_KEYS:
+            if all(k in r for r in ok):
+                row[k] = round(statistics.median(r[k] for r in ok), 4 if k == "bandwidth_fraction" else 3)
+        if all("peak_rss_mb" in r for r in ok):
+            row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+        ratios = [r["ratio"] for r in ok if "ratio" in r]
+        if ratios:
+            row["ratio"] = {k: round(statistics.median(x[k] for x in ratios), 3)
+                            for k in ratios[0] if all(k in x for x in ratios)}
+        row["rounds"] = {k: [r.get(k) for r in ok] for k in ROUND_KEYS + ("peak_rss_mb",)} | {
+            "ratio": ratios, "failed": len(rs) - len(ok)}
+        out.append(row)
+    return out
+
+
 def _memory_summary(rows: list[dict]) -> dict[str, Any]:
     """Per m3lite precision: memory-mode decode speed over none's, memory-mode TTFT over rag's."""
     out: dict[str, Any] = {}
@@ -341,7 +384,9 @@ def markdown_table(res: dict) -> str:
         f"Machine: {mc['cpu']}, {mc['physical_cores']} physical cores ({mc['logical_cpus']} logical), "
         f"{mc['threads']} threads; copy bandwidth {mc['copy_bandwidth_gb_s']} GB/s (read + write, numpy); "
         f"load average before {mc['load_average_before']}.",
-        f"Prompt {s['prompt_tokens']} tokens, {s['new_tokens']} greedy tokens, batch 1, median of {s['repeats']}. "
+        f"Prompt {s['prompt_tokens']} tokens, {s['new_tokens']} greedy tokens, batch 1, median of {s['repeats']}"
+        + (f", then of {s['rounds']} rounds (each row run {s['rounds']} times in turn)" if s.get("rounds", 1) > 1
+           else "") + ". "
         f"Ratios are to {res['baseline']} (`x ref`: decode and prefill speed over the reference's).",
         "",
         "| runtime | weights | mode | load | prompt tokens | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB "

@@ -774,6 +774,9 @@ def bench(
                                          "(tiny, default, bench-110m, bench-1b), made once in the cache; "
                                          "smollm2: the default model, pulled."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Runs per figure; the median is reported."),
+    rounds: int = typer.Option(1, "--rounds", min=1, help="Run every row N times in turn; figures and ratios "
+                               "are the medians over the rounds (steadier ratios where the machine's speed "
+                               "drifts; N times as long)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the table to FILE.md."),
     under_load: bool = typer.Option(False, "--under-load", help="Also run the mode-none rows while a busy "
                                     "process started by the bench holds one core, and compare."),
@@ -800,7 +803,8 @@ def bench(
     if model is None and preset is None:
         model = _model_dir(None)
     with _progress_bar("bench", quiet=as_json) as progress:
-        res = run_bench(model=model, preset=preset, repeats=repeats, progress=progress, under_load=under_load)
+        res = run_bench(model=model, preset=preset, repeats=repeats, progress=progress, under_load=under_load,
+                        rounds=rounds)
     if report is not None:
         res["report"] = str(write_report(res, report))
     _print_result(res, markdown_table, as_json, report is not None and res["report"])

@@ -9,8 +9,9 @@ import shutil
 import pytest
 from clitools import one_line_error, run
 
-from m3bench.bench import LOAD_ROWS, ROWS, BusyCore, _add_ratios, weight_bytes_per_token
+from m3bench.bench import LOAD_ROWS, ROWS, BusyCore, _add_ratios, _merge_rounds, weight_bytes_per_token
 from m3lite.config import ModelConfig
+from m3lite.errors import BadArgument
 from m3lite.modelfile import cache_dir
 
 
@@ -125,9 +126,34 @@ def test_ratios_prefer_llama_cpp_at_the_same_precision():
     assert rows[1]["ratio_to"] == "m3lite fp32" and rows[1]["ratio"]["decode_tokens_per_s"] == 3.0
 
 
+def test_rounds_take_medians_and_ratios_within_each_round():
+    """--rounds: a row's figure is the median over the rounds, its ratio the median of the ratios each round
+    measured against its own reference (a machine twice as fast in round 2 moves both), peak RSS the largest;
+    a row that no round ran stays as it was reported."""
+    def row(runtime, decode, rss=10.0):
+        return {"runtime": runtime, "precision": "int8", "mode": "none", "status": "ok", "decode_tokens_per_s":
+                decode, "prefill_tokens_per_s": decode, "ttft_ms": 1000 / decode, "peak_rss_mb": rss}
+
+    skipped = {"runtime": "pytorch", "precision": "fp32", "mode": "none", "status": "skipped", "reason": "no"}
+    rounds = [[row("m3lite", 120.0, 30.0), row("llama.cpp", 100.0), dict(skipped)],
+              [row("m3lite", 240.0, 31.0), row("llama.cpp", 200.0), dict(skipped)],
+              [row("m3lite", 90.0, 29.0), row("llama.cpp", 100.0), dict(skipped)]]
+    for rows in rounds:
+        _add_ratios(rows)
+    m3, ref, sk = _merge_rounds(rounds)
+    assert m3["decode_tokens_per_s"] == 120.0 and ref["decode_tokens_per_s"] == 100.0
+    assert m3["ratio"]["decode_tokens_per_s"] == 1.2  # per round 1.2, 1.2, 0.9
+    assert m3["peak_rss_mb"] == 31.0 and m3["rounds"]["decode_tokens_per_s"] == [120.0, 240.0, 90.0]
+    assert sk == skipped and "rounds" not in sk
+    assert _merge_rounds(rounds[:1]) is rounds[0]
+
+
 def test_errors_are_one_line(tmp_path):
     one_line_error(run("bench", "--model", tmp_path / "missing", check=False))
     one_line_error(run("bench", "--model", tmp_path, "--preset", "tiny", check=False))
+    from m3bench.bench import run_bench
+    with pytest.raises(BadArgument, match="rounds"):
+        run_bench(preset="tiny", rounds=0)
     one_line_error(run("bench", "--preset", "huge", check=False))
     one_line_error(run("bench", "--preset", "tiny", "--report", tmp_path / "r.txt", check=False))
 
