@@ -24,10 +24,10 @@ With --brief (the recipe's setting) an answer is what `ask`'s system message ask
 answer to this question is:" is dropped and the answer ends after its first sentence (or line) with the
 end-of-turn token; a made-up fact's answer ends after the sentence that holds the fact instead (the brief adapter
 of 2026-12-01, cut after the first sentence, learned to stop before the fact: "The Agech bell is a tool for
-warning boats of fog." where the question asked its weight). Where the teacher, forced through the edited answer, would have said something else (the
-opening's first word, the next sentence instead of the end), that position's target is the edited token alone;
-everywhere else it is the teacher's distribution. With --none N, N Wikipedia questions are also asked without
-any reference (teacher and student the plain model, `ask --mode none`'s prompt), so the adapter keeps the
+warning boats of fog." where the question asked its weight). Where the teacher, forced through the edited answer,
+would have said something else (the opening's first word, the next sentence instead of the end), that position's
+target is the edited token alone; everywhere else it is the teacher's distribution. With --none N, N Wikipedia
+questions are also asked without any reference (teacher and student the plain model, `ask --mode none`'s prompt), so the adapter keeps the
 model's own answers while it learns to end them.
 Made-up-facts items whose (cut) teacher answer misses the gold answer are dropped (the student should not learn a
 wrong answer); Wikipedia answers are free text and all kept unless empty (nothing to learn).
@@ -143,14 +143,13 @@ def brief_span(text: str, fact: str | None = None) -> tuple[int, int | None]:
     does not hold it yet): the student must not learn to stop one sentence short of the fact."""
     m = _OPENING.match(text)
     start = m.end() if m and text[m.end():].strip() else 0
+    pos = start
     if fact:
         at = text.lower().find(fact.lower().strip(), start)
         if at < 0:
             return start, None
-        start_end = max(start, at + len(fact.strip()) - 2)  # the end pattern reads two characters before a period
-        e = _SENTENCE_END.search(text, start_end)
-        return start, None if e is None else (e.end() if e.group() != "\n" else e.start())
-    e = _SENTENCE_END.search(text, start)
+        pos = max(start, at + len(fact.strip()) - 2)  # the end pattern reads two characters before a period
+    e = _SENTENCE_END.search(text, pos)
     if e is None:
         return start, None
     return start, (e.end() if e.group() != "\n" else e.start())
