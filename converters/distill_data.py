@@ -27,8 +27,8 @@ of 2026-12-01, cut after the first sentence, learned to stop before the fact: "T
 warning boats of fog." where the question asked its weight). Where the teacher, forced through the edited answer,
 would have said something else (the opening's first word, the next sentence instead of the end), that position's
 target is the edited token alone; everywhere else it is the teacher's distribution. With --none N, N Wikipedia
-questions are also asked without any reference (teacher and student the plain model, `ask --mode none`'s prompt), so the adapter keeps the
-model's own answers while it learns to end them.
+questions are also asked without any reference (teacher and student the plain model, `ask --mode none`'s
+prompt), so the adapter keeps the model's own answers while it learns to end them.
 Made-up-facts items whose (cut) teacher answer misses the gold answer are dropped (the student should not learn a
 wrong answer); Wikipedia answers are free text and all kept unless empty (nothing to learn).
 
