@@ -135,7 +135,7 @@ def stream(engine, tok: Tokenizer, prompt_ids: Sequence[int], p: SamplingParams,
         if cancel is not None and cancel():
             result.finish_reason = "cancelled"
             break
-        if p.finish_lead_in and eos and out.rstrip().endswith(":"):
+        if p.finish_lead_in and eos and out[-32:].rstrip().endswith(":"):  # the tail: no copy of the whole answer
             logits = logits.copy()
             logits[list(eos)] = -np.inf
         token = int(sample(logits, p.temperature, p.top_k, p.top_p, p.repetition_penalty, recent,

@@ -9,7 +9,8 @@ import shutil
 import pytest
 from clitools import one_line_error, run
 
-from m3bench.bench import LOAD_ROWS, ROWS, BusyCore, _add_ratios, _merge_rounds, weight_bytes_per_token
+from m3bench.bench import (LOAD_ROWS, ROWS, BusyCore, _add_ratios, _merge_rounds, run_bench,
+                           weight_bytes_per_token)
 from m3lite.config import ModelConfig
 from m3lite.errors import BadArgument
 from m3lite.modelfile import cache_dir
@@ -151,7 +152,6 @@ def test_rounds_take_medians_and_ratios_within_each_round():
 def test_errors_are_one_line(tmp_path):
     one_line_error(run("bench", "--model", tmp_path / "missing", check=False))
     one_line_error(run("bench", "--model", tmp_path, "--preset", "tiny", check=False))
-    from m3bench.bench import run_bench
     with pytest.raises(BadArgument, match="rounds"):
         run_bench(preset="tiny", rounds=0)
     one_line_error(run("bench", "--preset", "huge", check=False))
