@@ -6,7 +6,7 @@ BANK must hold float32 memories (`m3lite bank build NOTES --quant f32 --encode a
 from the same exact memories: each SCHEME (KEYS:VALUES, e.g. int8:int8, int4:pq, chan2:pq) is applied to the
 memories as the bank returns them, and the questions of QA (`python -m converters.facts`) are answered in memory
 mode, greedy, first line, as `m3lite eval --qa` does. One JSON line per scheme: bytes per token slot (keys, values
-and the 2-byte position) and that over int8's, `contains` and F1, and the questions right only with the first
+and the 2-byte position) and that over int8's, `contains`, and the questions right only with the first
 scheme / only with this one (the same questions for every scheme, so these say how much of a difference is
 noise).
 
@@ -61,10 +61,8 @@ class Side:
     def __init__(self, name: str, tokens_per_head: int, head_dim: int):
         self.name = name
         self.codebooks: np.ndarray | None = None
-        if name in ("f32", "f16", "int8", "int4"):
+        if name in Q.MODES:
             self.bytes = Q.bytes_per_vector(head_dim, name)
-        elif name == "pq":
-            self.bytes = Q.bytes_per_vector(head_dim, "pq")
         elif re.fullmatch(r"(chan|tok)[1-8]", name):
             self.bits = int(name[-1])
             scale_zero = 4 * head_dim / tokens_per_head if name.startswith("chan") else 4
