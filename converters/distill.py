@@ -17,7 +17,9 @@ keys and values (the model learns to write memories as well as to read them). Wi
 reads its memories product-quantized as a `--quant pq` bank stores them (quantization-aware distillation:
 converters/pq_torch.py): the valid keys and values are replaced by their nearest-centroid reconstruction, with a
 straight-through gradient; the codebooks are trained by k-means on the current student's memories of a fixed
-sample of training references at the start and every --pq-refresh steps.
+sample of training references at the start and every --pq-refresh steps. --init-adapter FILE starts the LoRA from
+an earlier adapter of the same base, rank and memory settings instead of zero (e.g. the shipped one, to adapt it
+to pq memories in a few hundred steps rather than from scratch).
 
 A run directory holds run.json, checkpoint.pt (adapter, optimizer, step, the pq codebooks; weights_only),
 adapter.safetensors (written with every checkpoint), loss.csv, eval.csv, loss.png and train.log.
@@ -47,9 +49,9 @@ CKPT_FORMAT, CKPT_VERSION = "m3lite-distill", 1
 ADAPTER = "adapter.safetensors"
 RUN_FIELDS = ("model", "data", "steps", "batch", "lr", "min_lr", "warmup_steps", "schedule", "decay_frac",
               "rank", "alpha", "kinds", "memory_grad", "grad_clip", "seed", "eval_every", "eval_items",
-              "memory_quant", "pq_refresh", "pq_refs")
+              "memory_quant", "pq_refresh", "pq_refs", "init_adapter")
 # settings added after runs existed: a run.json without them had these values
-LATER_FIELDS = dict(memory_quant="none", pq_refresh=100, pq_refs=PQ.TRAIN_REFS)
+LATER_FIELDS = dict(memory_quant="none", pq_refresh=100, pq_refs=PQ.TRAIN_REFS, init_adapter=None)
 DEFAULTS = dict(steps=600, batch=4, lr=5e-4, schedule="cosine", decay_frac=0.2, rank=16, alpha=32.0,
                 kinds=",".join(KINDS), memory_grad="on", grad_clip=1.0, seed=0, eval_every=50, eval_items=32,
                 save_every=50, log_every=10, stop_at=None, device="auto", bf16="auto", retrieval_top_k=None,
@@ -77,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
            "(nearest-centroid keys and values, straight-through gradient; default none)")
     a("--pq-refresh", type=int, help="distill, --memory-quant pq: retrain the codebooks on the current student's "
                                      "memories every N steps (default 100)")
+    a("--init-adapter", help="distill: start the LoRA from this adapter (.safetensors of an earlier distill run for "
+                             "the same base, rank and kinds) instead of zero, e.g. to adapt the shipped memory "
+                             "adapter to --memory-quant pq; default: from zero")
     a("--pq-refs", type=int, help=f"distill, --memory-quant pq: training references whose memories train the "
                                   f"codebooks (a fixed sample; default {PQ.TRAIN_REFS}, as a pq bank)")
 
@@ -110,6 +115,35 @@ def resolve(args: argparse.Namespace, saved: dict | None, parent) -> dict:
     s.setdefault("min_lr", s["lr"] / 10)
     s.setdefault("warmup_steps", min(20, s["steps"] // 10))
     return s
+
+
+def init_lora(model, path: str, s: dict, parent) -> None:
+    """Copy an adapter file's LoRA pairs into the model's fresh LoRA modules: the same base shape, rank, alpha and
+    kinds, every pair present (anything else is refused before training starts)."""
+    from m3lite.adapter import AdapterError, read_adapter
+
+    try:
+        ad = read_adapter(path)
+        ad.check(model.cfg)
+    except (AdapterError, OSError) as e:
+        raise parent.TrainError(f"--init-adapter: {e}") from None
+    if int(ad.meta["rank"]) != s["rank"] or float(ad.meta["alpha"]) != float(s["alpha"]):
+        raise parent.TrainError(f"--init-adapter {path} has rank {ad.meta['rank']} and alpha {ad.meta['alpha']}; "
+                                f"this run has --rank {s['rank']} --alpha {s['alpha']}")
+    cfg = model.cfg
+    if list(ad.meta["memory_layers"]) != list(cfg.memory_layer_ids) or \
+            int(ad.meta["memory_tokens_per_head"]) != int(cfg.memory_tokens_per_head):
+        raise parent.TrainError(f"--init-adapter {path} was trained with other memory settings (layers, tokens per "
+                                f"head) than {s['model']}")
+    mods = {(kind, layer): m for kind, layer, m in lora_modules(model)}
+    if set(mods) != set(ad.pairs):
+        raise parent.TrainError(f"--init-adapter {path} adapts other weights than --kinds {s['kinds']} of every "
+                                f"layer")
+    with torch.no_grad():
+        for key, m in mods.items():
+            a, b = ad.pairs[key]
+            m.lora_a.copy_(torch.from_numpy(np.asarray(a, np.float32)))
+            m.lora_b.copy_(torch.from_numpy(np.asarray(b, np.float32)))
 
 
 def base_model(model_dir: str, parent):
@@ -277,6 +311,9 @@ def run(args: argparse.Namespace, parent) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
     model, files, base_name = base_model(s["model"], parent)
     data = Items(s["data"], files, parent)
+    params = add_lora(model, s["rank"], s["alpha"], s["kinds"].split(","), seed=s["seed"])
+    if s["init_adapter"] and saved is None:  # a resumed run has its checkpoint's LoRA
+        init_lora(model, s["init_adapter"], s, parent)
     if saved is None and proc.main:
         s["config"] = model.cfg.to_dict()
         s["base_fingerprint"] = files.fingerprint
@@ -285,7 +322,6 @@ def run(args: argparse.Namespace, parent) -> int:
         raise parent.TrainError(f"{s['model']} changed since this run started (fingerprint); resume needs the same "
                                 f"model directory")
     proc.barrier()
-    params = add_lora(model, s["rank"], s["alpha"], s["kinds"].split(","), seed=s["seed"])
     model.to(proc.device)
     bf16 = parent.use_bf16(s["bf16"], proc.device)
     opt = torch.optim.AdamW(params, lr=s["lr"], betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
@@ -365,6 +401,8 @@ def run(args: argparse.Namespace, parent) -> int:
                         "steps": step, "batch": s["batch"], "lr": s["lr"], "kinds": s["kinds"],
                         "memory_grad": s["memory_grad"], "memory_quant": s["memory_quant"],
                         "seconds": round(elapsed, 1)}
+            if s.get("init_adapter"):
+                training["init_adapter"] = Path(s["init_adapter"]).name
             if pq_on:
                 training.update(pq_refresh=s["pq_refresh"], pq_refs=len(pq_refs))
             save_adapter(model, run_dir / ADAPTER, s["rank"], s["alpha"], base_name, training,

@@ -16,7 +16,7 @@ from llama_files import write_hf  # noqa: E402
 
 import m3lite  # noqa: E402
 from converters import train as T  # noqa: E402
-from converters.distill import Items, base_model, kl_sum  # noqa: E402
+from converters.distill import Items, base_model, init_lora, kl_sum  # noqa: E402
 from converters.distill_data import (HARD_LOGP, ITEMS, META, TEACHER, brief_answer, brief_span,  # noqa: E402
                                      cut_at_note_number, load, prepare, teacher_answer)
 from converters.lora import add_lora, lora_modules, merge_lora, save_adapter  # noqa: E402
@@ -303,6 +303,29 @@ def test_an_item_without_references_is_the_plain_model(imported, distill_data, t
     assert n_both == n0 + n1
     assert abs(float(kl_both) - float(kl0 + kl1)) <= TOL * max(1.0, abs(float(kl_both)))
     assert abs(float(kl1) - by_hand) <= TOL * max(1.0, abs(by_hand))
+
+
+def test_distill_starts_from_an_adapter(imported, distill_data, tmp_path):
+    """--init-adapter: the LoRA starts as the file's pairs (bit for bit), so the held-out KL at step 0 is the
+    earlier run's at its end; an adapter of another rank is refused before a run is written."""
+    assert _train(imported, distill_data, tmp_path / "a") == 0
+    path = tmp_path / "a" / "adapter.safetensors"
+    saved = read_adapter(path)
+    model, _, _ = base_model(imported / "m", T)
+    add_lora(model, 4, 32.0)
+    init_lora(model, str(path), {"rank": 4, "alpha": 32.0, "model": str(imported / "m"), "kinds": "all"}, T)
+    for kind, layer, m in lora_modules(model):
+        np.testing.assert_array_equal(m.lora_a.detach().numpy(), saved.pairs[(kind, layer)][0])
+        np.testing.assert_array_equal(m.lora_b.detach().numpy(), saved.pairs[(kind, layer)][1])
+    assert _train(imported, distill_data, tmp_path / "b", "--init-adapter", str(path)) == 0
+    first = [float(r["eval_loss"]) for r in T._rows(tmp_path / "a" / T.EVAL_CSV)]
+    again = [float(r["eval_loss"]) for r in T._rows(tmp_path / "b" / T.EVAL_CSV)]
+    assert first[-1] < 0.8 * first[0]  # the first run learned something to start from
+    assert abs(again[0] - first[-1]) <= 0.01 * first[-1]  # the adapter is stored float16: not bit for bit
+    assert read_adapter(tmp_path / "b" / "adapter.safetensors").meta["training"]["init_adapter"] == path.name
+    assert _train(imported, distill_data, tmp_path / "c", "--init-adapter", str(path), "--rank", "8") == 2
+    assert _train(imported, distill_data, tmp_path / "d", "--init-adapter", str(tmp_path / "none")) == 2
+    assert not (tmp_path / "c" / T.RUN_JSON).exists() and not (tmp_path / "d" / T.RUN_JSON).exists()
 
 
 def test_distill_needs_matching_data(imported, distill_data, tmp_path):
